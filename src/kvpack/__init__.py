@@ -1,0 +1,22 @@
+"""kvpack: quantized KV caches for LLM inference.
+
+Importing kvpack imports neither transformers nor any compiler; :mod:`kvpack.hf` holds the transformers
+integration and is loaded on first use of its functions.
+"""
+
+from .config import MethodConfig
+from .methods import CompressedLayer, KIVIConfig, KIVILayer
+from .registry import config_class, make_layer, method_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressedLayer",
+    "KIVIConfig",
+    "KIVILayer",
+    "MethodConfig",
+    "config_class",
+    "make_layer",
+    "method_names",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Subcommands of the ``kvpack`` CLI (see :mod:`kvpack.cli`)."""

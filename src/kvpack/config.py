@@ -1,0 +1,59 @@
+"""Base class of every method config: frozen, validated on construction, round-trips through dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = ["MethodConfig", "SCALE_DTYPES", "check_choice", "check_positive_int"]
+
+#: Storage dtypes for quantization scales and zeros, by name.
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    """Raise ``ValueError`` naming the allowed set unless ``value`` is one of ``allowed``."""
+    if isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """Common base: subclasses are frozen dataclasses that set ``method`` and validate in ``__post_init__``."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields plus ``"method"``; :meth:`from_dict` inverts it."""
+        out = {"method": self.method}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+        """Build a config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
+        data = dict(data)
+        method = data.pop("method", cls.method)
+        if cls.method and method != cls.method:
+            raise ValueError(f"{cls.__name__}.from_dict got method {method!r}, expected {cls.method!r}")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; allowed: {sorted(names)}")
+        for key, value in data.items():
+            if isinstance(value, list):
+                data[key] = tuple(value)
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "MethodConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
