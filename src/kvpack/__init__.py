@@ -19,4 +19,18 @@ __all__ = [
     "make_layer",
     "method_names",
     "__version__",
+    "enable",
+    "load_model",
+    "make_cache",
 ]
+
+_HF_EXPORTS = ("enable", "load_model", "make_cache")
+
+
+def __getattr__(name: str):
+    # The transformers integration is imported on first use, never by ``import kvpack``.
+    if name in _HF_EXPORTS:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'kvpack' has no attribute {name!r}")
