@@ -24,7 +24,7 @@ import torch
 
 from ..config import MethodConfig
 
-__all__ = ["GrowBuffer", "BlockKeyStore", "QuantizedValueStore", "CompressedLayer"]
+__all__ = ["GrowBuffer", "BlockKeyStore", "TokenValueStore", "QuantizedValueStore", "CompressedLayer"]
 
 _GROWTH = 1.5
 
@@ -202,44 +202,51 @@ class BlockKeyStore(abc.ABC):
         return _buffers_nbytes(self.buffers(), allocated)
 
 
-class QuantizedValueStore:
-    """Values: the last ``R`` tokens in fp, older ones quantized per token in groups of ``G`` channels.
+class TokenValueStore(abc.ABC):
+    """Values: the last ``R`` tokens in fp, older ones quantized token by token as they leave the window.
 
-    Storage (kernel layout): ``codes`` (B, H, T_q, D * bits / 8) uint8 packed LSB-first along channels,
-    ``scale`` / ``zero`` (B, H, T_q, D / G) in ``scale_dtype``; ``window`` (B, H, <= R, D) input dtype.
+    Subclasses define the per-token format through :meth:`quantize_tokens` (fp values -> named tensors,
+    each ``(B, H, n, ...)``), :meth:`token_weighted_sum` and :meth:`dequantize_tokens`.
     """
 
-    def __init__(self, bits: int, group_size: int, residual_length: int, scale_dtype: torch.dtype | None):
-        self.bits = bits
-        self.group_size = group_size
+    def __init__(self, residual_length: int) -> None:
         self.residual_length = residual_length
-        self.scale_dtype = scale_dtype
-        self.codes, self.scale, self.zero = GrowBuffer(), GrowBuffer(), GrowBuffer()
+        self.tokens: dict[str, GrowBuffer] = {}
         self.window = GrowBuffer()
-        self.pending: torch.Tensor | None = None
+        self.pending: torch.Tensor | None = None  # fp copy of the tokens flushed by the last append
+        self.num_quantized = 0
 
-    @property
-    def num_quantized(self) -> int:
-        return self.codes.length
+    @abc.abstractmethod
+    def quantize_tokens(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``values`` (B, H, n, D) -> named tensors, each (B, H, n, ...)."""
+
+    @abc.abstractmethod
+    def token_weighted_sum(self, weights: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``weights`` (B, H, M, n) float32 -> (B, H, M, D) float32 over the quantized tokens."""
+
+    @abc.abstractmethod
+    def dequantize_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Named tensors (B, H, n, ...) -> (B, H, n, D) float32."""
 
     @property
     def num_tokens(self) -> int:
-        return self.codes.length + self.window.length
+        return self.num_quantized + self.window.length
 
     def append(self, values: torch.Tensor) -> None:
-        from ..primitives import pack_bits, quantize_affine
-
         self.pending = None
         self.window.append(values)
         n_flush = self.window.length - self.residual_length
         if n_flush > 0:
             flushed = self.window.view()[:, :, :n_flush]
-            codes, scale, zero = quantize_affine(flushed, self.bits, self.group_size, -1, self.scale_dtype)
-            self.codes.append(pack_bits(codes, self.bits, dim=-1))  # (B, H, n, D * bits / 8)
-            self.scale.append(scale)  # (B, H, n, D / G)
-            self.zero.append(zero)
+            for name, tensor in self.quantize_tokens(flushed).items():
+                self.tokens.setdefault(name, GrowBuffer()).append(tensor)
+            self.num_quantized += n_flush
             self.window.drop_front(n_flush)
             self.pending = flushed
+
+    def token_views(self, n: int | None = None) -> dict[str, torch.Tensor]:
+        n = self.num_quantized if n is None else n
+        return {name: buf.view()[:, :, :n] for name, buf in self.tokens.items()}
 
     def _split(self) -> tuple[int, list[torch.Tensor]]:
         fp = [] if self.window.length == 0 else [self.window.view()]
@@ -247,18 +254,10 @@ class QuantizedValueStore:
             return self.num_quantized, fp
         return self.num_quantized - self.pending.shape[2], [self.pending, *fp]
 
-    def _quantized(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.codes.view()[:, :, :n], self.scale.view()[:, :, :n], self.zero.view()[:, :, :n]
-
     def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
         """``weights`` (B, H, M, T) float32 -> sum_t weights[..., t] * v_t, (B, H, M, D) float32."""
-        from .. import kernels
-
         n_quant, fp = self._split()
-        out = None
-        if n_quant:
-            codes, scale, zero = self._quantized(n_quant)
-            out = kernels.value_weighted_sum(weights[..., :n_quant], codes, scale, zero, self.bits, self.group_size)
+        out = self.token_weighted_sum(weights[..., :n_quant], self.token_views(n_quant)) if n_quant else None
         start = n_quant
         for v in fp:
             part = weights[..., start : start + v.shape[2]] @ v.float()
@@ -266,20 +265,13 @@ class QuantizedValueStore:
             start += v.shape[2]
         return out
 
-    def _dequantized(self, n: int) -> torch.Tensor:
-        from ..primitives import dequantize_affine, unpack_bits
-
-        codes, scale, zero = self._quantized(n)
-        dim = self.window.data.shape[-1]
-        return dequantize_affine(unpack_bits(codes, self.bits, dim), scale, zero, self.group_size, -1)
-
     def materialize(self) -> torch.Tensor:
         n_quant, fp = self._split()
-        parts = [self._dequantized(n_quant)] if n_quant else []
+        parts = [self.dequantize_tokens(self.token_views(n_quant))] if n_quant else []
         return torch.cat(parts + [v.float() for v in fp], dim=2)
 
     def dequantize(self) -> torch.Tensor:
-        parts = [self._dequantized(self.num_quantized)] if self.num_quantized else []
+        parts = [self.dequantize_tokens(self.token_views())] if self.num_quantized else []
         if self.window.length:
             parts.append(self.window.view().float())
         return torch.cat(parts, dim=2)
@@ -290,15 +282,54 @@ class QuantizedValueStore:
         if num_tokens >= self.num_quantized:
             self.window.truncate(num_tokens - self.num_quantized)
         else:
-            for buf in (self.codes, self.scale, self.zero):
+            for buf in self.tokens.values():
                 buf.truncate(num_tokens)
+            self.num_quantized = num_tokens
             self.window.truncate(0)
 
     def buffers(self) -> list[GrowBuffer]:
-        return [self.codes, self.scale, self.zero, self.window]
+        return [*self.tokens.values(), self.window]
 
     def nbytes(self, allocated: bool = False) -> int:
         return _buffers_nbytes(self.buffers(), allocated)
+
+
+class QuantizedValueStore(TokenValueStore):
+    """KIVI values: per token, asymmetric min-max in groups of ``G`` channels.
+
+    Storage (kernel layout): ``codes`` (B, H, T_q, D * bits / 8) uint8 packed LSB-first along channels,
+    ``scale`` / ``zero`` (B, H, T_q, D / G) in ``scale_dtype``; ``window`` (B, H, <= R, D) input dtype.
+    """
+
+    def __init__(self, bits: int, group_size: int, residual_length: int, scale_dtype: torch.dtype | None):
+        super().__init__(residual_length)
+        self.bits = bits
+        self.group_size = group_size
+        self.scale_dtype = scale_dtype
+
+    @property
+    def codes(self) -> GrowBuffer:
+        return self.tokens["codes"]
+
+    def quantize_tokens(self, values):
+        from ..primitives import pack_bits, quantize_affine
+
+        codes, scale, zero = quantize_affine(values, self.bits, self.group_size, -1, self.scale_dtype)
+        return {"codes": pack_bits(codes, self.bits, dim=-1), "scale": scale, "zero": zero}
+
+    def token_weighted_sum(self, weights, tokens):
+        from .. import kernels
+
+        return kernels.value_weighted_sum(
+            weights, tokens["codes"], tokens["scale"], tokens["zero"], self.bits, self.group_size
+        )
+
+    def dequantize_tokens(self, tokens):
+        from ..primitives import dequantize_affine, unpack_bits
+
+        dim = tokens["scale"].shape[-1] * self.group_size
+        codes = unpack_bits(tokens["codes"], self.bits, dim)
+        return dequantize_affine(codes, tokens["scale"], tokens["zero"], self.group_size, -1)
 
 
 class CompressedLayer:
@@ -309,7 +340,7 @@ class CompressedLayer:
 
     config: MethodConfig
     keys: BlockKeyStore
-    values: QuantizedValueStore
+    values: TokenValueStore
 
     def __init__(self, config: MethodConfig, layer_idx: int = 0) -> None:
         self.config = config
