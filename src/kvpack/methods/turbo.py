@@ -1,0 +1,230 @@
+"""Rotated codebook quantization: a random rotation, then a Gaussian-optimal scalar codebook per coordinate.
+
+The idea of the TurboQuant / PolarQuant line (Zandieh et al., arXiv 2504.19874; Han et al., arXiv
+2502.02617): after a random orthogonal rotation, the coordinates of any vector are close to i.i.d.
+N(0, |x|^2 / d), whatever outlier channels the vector had, so one fixed Lloyd-Max codebook for the
+standard normal quantizes every coordinate near-optimally and no per-group scale/zero is needed; one
+scale per token is enough. Compared with KIVI this removes the per-channel metadata (1 bit per element at
+G=32 with fp16 scales) and spends it on codes.
+
+What kvpack does, and how it deviates from the papers:
+* keys and values are both stored per token as ``codes`` (b bits per rotated coordinate, packed along
+  channels) and one ``scale`` (float16); reconstruction is ``R^T (scale * codebook[codes])``;
+* ``scale`` is the least-squares fit ``<x_rot, c> / |c|^2`` of the rotated vector onto its codeword
+  vector ``c`` (the MSE-optimal scale for that codeword), not the vector norm;
+* the fp residual window and block flush rules are KIVI's (recent tokens stay exact), which the papers do
+  not use;
+* no QJL correction stage (TurboQuant_prod): attention tolerates the small inner-product shrinkage, and
+  the bits are better spent on the codebook at these widths (measured, see docs/RESULTS.md).
+
+Attention reads the codes directly: scores are ``scale_t * <R q, codebook[codes_t]>`` (the query is
+rotated once per step) and ``P.V`` is accumulated in the rotated basis and rotated back once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+
+from ..config import SCALE_DTYPES, MethodConfig, check_choice, check_positive_int
+from ..primitives import pack_bits, unpack_bits
+from ..registry import register
+from .base import BlockKeyStore, CompressedLayer, TokenValueStore
+
+__all__ = ["TurboConfig", "TurboLayer", "gaussian_codebook", "random_rotation"]
+
+TURBO_BITS = (1, 2, 4, 8)
+
+
+@functools.lru_cache(maxsize=None)
+def gaussian_codebook(bits: int, iterations: int = 300) -> tuple[float, ...]:
+    """Lloyd-Max centroids for N(0, 1) with ``2**bits`` levels (sorted, symmetric).
+
+    Computed by Lloyd's iteration on the exact density: each centroid is the conditional mean of its cell,
+    ``(phi(a) - phi(b)) / (Phi(b) - Phi(a))``; each boundary the midpoint of its neighbours.
+    """
+    levels = 2**bits
+    phi = lambda x: math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)  # noqa: E731
+    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    centroids = [(-1 + (2 * i + 1) / levels) * 2.5 for i in range(levels)]
+    for _ in range(iterations):
+        bounds = [-math.inf] + [(a + b) / 2 for a, b in zip(centroids, centroids[1:])] + [math.inf]
+        updated = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            mass = cdf(hi) - cdf(lo)
+            density_lo = 0.0 if lo == -math.inf else phi(lo)
+            density_hi = 0.0 if hi == math.inf else phi(hi)
+            updated.append((density_lo - density_hi) / mass)
+        if max(abs(a - b) for a, b in zip(updated, centroids)) < 1e-12:
+            centroids = updated
+            break
+        centroids = updated
+    return tuple(centroids)
+
+
+def random_rotation(dim: int, seed: int, layer_idx: int) -> torch.Tensor:
+    """A Haar-random orthogonal (dim, dim) float32 matrix, reproducible from (seed, layer_idx, dim)."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + layer_idx * 7919 + dim) % 2**63)
+    gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return (q * torch.sign(torch.diagonal(r))).float()  # sign fix makes the QR unique (Haar measure)
+
+
+@dataclasses.dataclass(frozen=True)
+class TurboConfig(MethodConfig):
+    """Rotation + Gaussian-optimal scalar codebook for keys and values (see the module docstring).
+
+    Args:
+        key_bits / value_bits: codebook size 2**bits per rotated coordinate, one of (1, 2, 4, 8).
+        group_size: keys are flushed in groups of this many tokens (storage granularity only: there are no
+            per-group scales).
+        residual_length: R, as in KIVI: keys flush in blocks of R, values keep the last R tokens in fp.
+        seed: rotation seed; the rotation of layer i depends only on (seed, i, head_dim).
+        scale_dtype: storage dtype of the per-token scales: "float16" (default), "bfloat16", "float32".
+        check_finite: reject NaN/Inf keys and values on append.
+
+    Bits per element: ``bits + 16 / head_dim`` for the quantized part (2.25 at 2 bits, head_dim 64).
+    """
+
+    method = "turbo"
+    key_bits: int = 2
+    value_bits: int = 2
+    group_size: int = 32
+    residual_length: int = 128
+    seed: int = 0
+    scale_dtype: str = "float16"
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("key_bits", self.key_bits, TURBO_BITS)
+        check_choice("value_bits", self.value_bits, TURBO_BITS)
+        check_positive_int("group_size", self.group_size)
+        check_positive_int("residual_length", self.residual_length)
+        if self.residual_length % self.group_size:
+            raise ValueError(
+                f"residual_length must be a positive multiple of group_size ({self.group_size}), "
+                f"got {self.residual_length}"
+            )
+        check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+
+class _Codec:
+    """Per-token rotated codebook quantization shared by the key and value stores."""
+
+    def __init__(self, bits: int, rotation: torch.Tensor, scale_dtype: torch.dtype):
+        self.bits = bits
+        self.rotation = rotation  # (D, D) float32, rows are the rotated basis
+        self.scale_dtype = scale_dtype
+        self.dim = rotation.shape[0]
+        centroids = torch.tensor(gaussian_codebook(bits), dtype=torch.float32)
+        self.codebook = centroids / math.sqrt(self.dim)  # N(0, 1/D): a rotated unit vector's coordinates
+        self.bounds = (self.codebook[1:] + self.codebook[:-1]) / 2
+
+    def to(self, device: torch.device) -> None:
+        if self.rotation.device != device:
+            self.rotation = self.rotation.to(device)
+            self.codebook = self.codebook.to(device)
+            self.bounds = self.bounds.to(device)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., D) -> packed codes (..., D * bits / 8) uint8 and scale (...) in ``scale_dtype``."""
+        self.to(x.device)
+        rotated = x.float() @ self.rotation.T  # (..., D)
+        norm = rotated.norm(dim=-1, keepdim=True)
+        unit = rotated / torch.where(norm > 0, norm, torch.ones_like(norm))
+        codes = torch.bucketize(unit, self.bounds).to(torch.uint8)  # nearest centroid
+        codewords = self.codebook[codes.long()]
+        scale = (rotated * codewords).sum(-1) / codewords.pow(2).sum(-1)  # least-squares fit
+        scale = scale.to(self.scale_dtype)
+        if not torch.isfinite(scale).all():
+            raise ValueError(f"a per-token scale overflows {self.scale_dtype}; use scale_dtype='float32'")
+        return pack_bits(codes, self.bits, dim=-1), scale
+
+    def decode_rotated(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Packed codes (..., D * bits / 8), scale (...) -> rotated reconstruction (..., D) float32."""
+        self.to(codes.device)
+        return self.codebook[unpack_bits(codes, self.bits, self.dim).long()] * scale.float().unsqueeze(-1)
+
+    def decode(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.decode_rotated(codes, scale) @ self.rotation
+
+
+class TurboKeyStore(BlockKeyStore):
+    """Keys per token: ``codes`` (B, H, N, G, D * bits / 8) uint8, ``scale`` (B, H, N, G)."""
+
+    def __init__(self, codec: _Codec, group_size: int, residual_length: int):
+        super().__init__(group_size, residual_length)
+        self.codec = codec
+
+    def quantize_groups(self, keys):
+        batch, heads, tokens, dim = keys.shape
+        codes, scale = self.codec.encode(keys)
+        n = tokens // self.group_size
+        return {
+            "codes": codes.reshape(batch, heads, n, self.group_size, -1),
+            "scale": scale.reshape(batch, heads, n, self.group_size),
+        }
+
+    def group_scores(self, query, groups):
+        batch, heads, n, group, _ = groups["codes"].shape
+        keys_rotated = self.codec.decode_rotated(groups["codes"], groups["scale"])  # (B, H, N, G, D)
+        query_rotated = query @ self.codec.rotation.T  # (B, H, M, D)
+        return query_rotated @ keys_rotated.reshape(batch, heads, n * group, -1).transpose(-1, -2)
+
+    def dequantize_groups(self, groups):
+        batch, heads, n, group, _ = groups["codes"].shape
+        return self.codec.decode(groups["codes"], groups["scale"]).reshape(batch, heads, n * group, -1)
+
+
+class TurboValueStore(TokenValueStore):
+    """Values per token: ``codes`` (B, H, T, D * bits / 8) uint8, ``scale`` (B, H, T)."""
+
+    def __init__(self, codec: _Codec, residual_length: int):
+        super().__init__(residual_length)
+        self.codec = codec
+
+    def quantize_tokens(self, values):
+        codes, scale = self.codec.encode(values)
+        return {"codes": codes, "scale": scale}
+
+    def token_weighted_sum(self, weights, tokens):
+        values_rotated = self.codec.decode_rotated(tokens["codes"], tokens["scale"])  # (B, H, T, D)
+        return (weights @ values_rotated) @ self.codec.rotation  # rotate back once per query row
+
+    def dequantize_tokens(self, tokens):
+        return self.codec.decode(tokens["codes"], tokens["scale"])
+
+
+@register(TurboConfig)
+class TurboLayer(CompressedLayer):
+    """One layer's rotated-codebook store; the rotation is built at the first append (head_dim known)."""
+
+    def __init__(self, config: TurboConfig, layer_idx: int = 0) -> None:
+        super().__init__(config, layer_idx)
+        self.keys = self.values = None  # built lazily: the rotation needs head_dim
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if self.keys is None:
+            self._check(keys, values)
+            config, dim = self.config, keys.shape[-1]
+            scale_dtype = SCALE_DTYPES[config.scale_dtype]
+            rotation = random_rotation(dim, config.seed, self.layer_idx)
+            # keys and values get independent rotations (the value rotation is seeded one layer over)
+            self.keys = TurboKeyStore(_Codec(config.key_bits, rotation, scale_dtype), config.group_size,
+                                      config.residual_length)
+            value_rotation = random_rotation(dim, config.seed + 1, self.layer_idx)
+            self.values = TurboValueStore(_Codec(config.value_bits, value_rotation, scale_dtype),
+                                          config.residual_length)
+        super().append(keys, values)
+
+    @property
+    def num_tokens(self) -> int:
+        return 0 if self.keys is None else self.keys.num_tokens
+
+    def nbytes(self, allocated: bool = False) -> int:
+        return 0 if self.keys is None else super().nbytes(allocated)
