@@ -195,11 +195,25 @@ class BlockKeyStore(abc.ABC):
         if tail_keys is not None:
             self.residual.append(tail_keys.to(dtype))
 
+    def named_buffers(self) -> dict[str, GrowBuffer]:
+        return {**{f"groups.{name}": buf for name, buf in self.groups.items()}, "residual": self.residual}
+
     def buffers(self) -> list[GrowBuffer]:
-        return [*self.groups.values(), self.residual]
+        return list(self.named_buffers().values())
 
     def nbytes(self, allocated: bool = False) -> int:
         return _buffers_nbytes(self.buffers(), allocated)
+
+    def restore(self, tensors: dict[str, torch.Tensor], num_groups: int) -> None:
+        """Load :meth:`named_buffers` contents saved by :meth:`CompressedLayer.state_dict`."""
+        for name, tensor in tensors.items():
+            buf = GrowBuffer()
+            buf.append(tensor)
+            if name == "residual":
+                self.residual = buf
+            else:
+                self.groups[name.removeprefix("groups.")] = buf
+        self.num_groups = num_groups
 
 
 class TokenValueStore(abc.ABC):
@@ -287,11 +301,25 @@ class TokenValueStore(abc.ABC):
             self.num_quantized = num_tokens
             self.window.truncate(0)
 
+    def named_buffers(self) -> dict[str, GrowBuffer]:
+        return {**{f"tokens.{name}": buf for name, buf in self.tokens.items()}, "window": self.window}
+
     def buffers(self) -> list[GrowBuffer]:
-        return [*self.tokens.values(), self.window]
+        return list(self.named_buffers().values())
 
     def nbytes(self, allocated: bool = False) -> int:
         return _buffers_nbytes(self.buffers(), allocated)
+
+    def restore(self, tensors: dict[str, torch.Tensor], num_quantized: int) -> None:
+        """Load :meth:`named_buffers` contents saved by :meth:`CompressedLayer.state_dict`."""
+        for name, tensor in tensors.items():
+            buf = GrowBuffer()
+            buf.append(tensor)
+            if name == "window":
+                self.window = buf
+            else:
+                self.tokens[name.removeprefix("tokens.")] = buf
+        self.num_quantized = num_quantized
 
 
 class QuantizedValueStore(TokenValueStore):
@@ -376,6 +404,9 @@ class CompressedLayer:
                 if bad:
                     raise ValueError(f"{name} contain {bad} NaN/Inf values; nothing was stored")
 
+    def _build(self, head_dim: int) -> None:
+        """Hook for methods whose stores depend on head_dim: called once, before the first tokens."""
+
     # --- public API ---------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store new tokens: ``keys``, ``values`` (B, H_kv, T, D), T >= 0 (T = 0 changes nothing)."""
@@ -383,6 +414,7 @@ class CompressedLayer:
         if keys.shape[2] == 0:
             return
         if self._shape is None:
+            self._build(keys.shape[3])
             self._shape = (keys.shape[0], keys.shape[1], keys.shape[3])
             self._dtype = keys.dtype
         self.keys.append(keys)
@@ -474,6 +506,47 @@ class CompressedLayer:
         capacity, and the next append releases it.
         """
         return self.keys.nbytes(allocated) + self.values.nbytes(allocated)
+
+    # --- saving and loading ---------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The stored state: ``(tensors, metadata)``; :meth:`load_state_dict` on a fresh layer inverts it.
+
+        The fp view of the tokens flushed by the latest append is not saved: after loading, attention reads
+        those tokens from their codes, exactly as the next step would have.
+        """
+        self._require_tokens()
+        tensors = {}
+        for prefix, store in (("keys", self.keys), ("values", self.values)):
+            for name, buf in store.named_buffers().items():
+                if buf.data is not None:
+                    tensors[f"{prefix}.{name}"] = buf.view().contiguous()
+        metadata = {
+            "config": self.config.to_dict(),
+            "layer_idx": self.layer_idx,
+            "shape": list(self._shape),
+            "dtype": str(self._dtype).removeprefix("torch."),
+            "key_groups": self.keys.num_groups,
+            "value_quantized": self.values.num_quantized,
+        }
+        return tensors, metadata
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+        """Restore a state saved by :meth:`state_dict` into this (empty) layer.
+
+        Raises:
+            ValueError: the layer already holds tokens, or the state was saved with another config.
+        """
+        if self._shape is not None:
+            raise ValueError("load_state_dict needs an empty layer; this one holds tokens")
+        if metadata["config"] != self.config.to_dict():
+            raise ValueError(f"state was saved with config {metadata['config']}, this layer has {self.config.to_dict()}")
+        batch, heads, dim = metadata["shape"]
+        self._build(dim)
+        self._shape = (batch, heads, dim)
+        self._dtype = getattr(torch, metadata["dtype"])
+        for prefix, store, count in (("keys", self.keys, "key_groups"), ("values", self.values, "value_quantized")):
+            own = {name.removeprefix(prefix + "."): t for name, t in tensors.items() if name.startswith(prefix + ".")}
+            store.restore(own, metadata[count])
 
     # --- cache housekeeping (beam search, assisted decoding) ------------------------------------------
     def crop(self, num_tokens: int) -> None:

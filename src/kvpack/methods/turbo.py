@@ -206,21 +206,16 @@ class TurboLayer(CompressedLayer):
 
     def __init__(self, config: TurboConfig, layer_idx: int = 0) -> None:
         super().__init__(config, layer_idx)
-        self.keys = self.values = None  # built lazily: the rotation needs head_dim
+        self.keys = self.values = None  # built by _build: the rotation needs head_dim
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        if self.keys is None:
-            self._check(keys, values)
-            config, dim = self.config, keys.shape[-1]
-            scale_dtype = SCALE_DTYPES[config.scale_dtype]
-            rotation = random_rotation(dim, config.seed, self.layer_idx)
-            # keys and values get independent rotations (the value rotation is seeded one layer over)
-            self.keys = TurboKeyStore(_Codec(config.key_bits, rotation, scale_dtype), config.group_size,
-                                      config.residual_length)
-            value_rotation = random_rotation(dim, config.seed + 1, self.layer_idx)
-            self.values = TurboValueStore(_Codec(config.value_bits, value_rotation, scale_dtype),
-                                          config.residual_length)
-        super().append(keys, values)
+    def _build(self, head_dim: int) -> None:
+        config = self.config
+        scale_dtype = SCALE_DTYPES[config.scale_dtype]
+        # keys and values get independent rotations (the value rotation uses the next seed)
+        key_codec = _Codec(config.key_bits, random_rotation(head_dim, config.seed, self.layer_idx), scale_dtype)
+        value_codec = _Codec(config.value_bits, random_rotation(head_dim, config.seed + 1, self.layer_idx), scale_dtype)
+        self.keys = TurboKeyStore(key_codec, config.group_size, config.residual_length)
+        self.values = TurboValueStore(value_codec, config.residual_length)
 
     @property
     def num_tokens(self) -> int:
