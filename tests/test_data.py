@@ -82,7 +82,9 @@ def test_read_lazyload_db_on_synthetic_files(tmp_path):
         blocks += block
     (tmp_path / "Rdata.rdb").write_bytes(blocks)
     variables = vecsxp([intsxp(o) for o in offsets], ["one", "two"])
-    index = vecsxp([variables, vecsxp([], []), struct.pack(">iii", 10, 1, 1)], ["variables", "references", "compressed"])
+    index = vecsxp(
+        [variables, vecsxp([], []), struct.pack(">iii", 10, 1, 1)], ["variables", "references", "compressed"]
+    )
     (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(HEADER_V3 + index))
 
     objects = read_lazyload_db(tmp_path / "Rdata.rdb")

@@ -108,8 +108,7 @@ class _XdrReader:
     def _take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
             raise ValueError(
-                f"truncated R serialization: wanted {n} bytes at offset {self.pos}, "
-                f"have {len(self.data) - self.pos}"
+                f"truncated R serialization: wanted {n} bytes at offset {self.pos}, have {len(self.data) - self.pos}"
             )
         chunk = self.data[self.pos : self.pos + n]
         self.pos += n
@@ -129,9 +128,7 @@ class _XdrReader:
     def read_header(self) -> None:
         magic = self._take(2)
         if magic != b"X\n":
-            raise ValueError(
-                f"unsupported R serialization format {magic!r}: only XDR ('X\\n') is implemented"
-            )
+            raise ValueError(f"unsupported R serialization format {magic!r}: only XDR ('X\\n') is implemented")
         version = self._int()
         self._int()  # R version that wrote it
         self._int()  # minimal R version to read it
@@ -308,8 +305,10 @@ def read_lazyload_db(rdb_path: str | os.PathLike) -> dict[str, Any]:
     index = unserialize(index_bytes)
     if not isinstance(index, RVector) or index.names is None or "variables" not in index.names:
         raise ValueError(f"{rdx_path} is not an R lazy-load index (no 'variables' entry)")
-    fields = dict(zip(index.names, index))
+    fields = dict(zip(index.names, index, strict=True))
     variables = fields["variables"]
+    if not isinstance(variables, RVector) or variables.names is None:
+        raise ValueError(f"{rdx_path}: the 'variables' entry is not a named list")
     compressed = fields.get("compressed")
     compression = 1
     if compressed is not None and len(compressed) == 1:
@@ -319,7 +318,7 @@ def read_lazyload_db(rdb_path: str | os.PathLike) -> dict[str, Any]:
 
     objects: dict[str, Any] = {}
     with open(rdb_path, "rb") as rdb:
-        for name, (offset, length) in zip(variables.names or [], variables):
+        for name, (offset, length) in zip(variables.names, variables, strict=True):
             rdb.seek(int(offset))
             block = rdb.read(int(length))
             if len(block) != length:
@@ -376,18 +375,14 @@ def find_austen_rdb(path: str | os.PathLike | None = None) -> Path:
             continue
         found = _resolve_candidate(Path(value).expanduser())
         if found is None:
-            raise FileNotFoundError(
-                f"janeaustenr data not found at {label}={value!s}.\n{_install_hint(cache_root)}"
-            )
+            raise FileNotFoundError(f"janeaustenr data not found at {label}={value!s}.\n{_install_hint(cache_root)}")
         return found
     candidates = [cache_root / "janeaustenr" / _RDB_RELPATH, _SYSTEM_RDB]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     searched = "\n".join(f"    {c}" for c in candidates)
-    raise FileNotFoundError(
-        f"janeaustenr's Rdata.rdb not found; searched:\n{searched}\n{_install_hint(cache_root)}"
-    )
+    raise FileNotFoundError(f"janeaustenr's Rdata.rdb not found; searched:\n{searched}\n{_install_hint(cache_root)}")
 
 
 @functools.lru_cache(maxsize=4)
