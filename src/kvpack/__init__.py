@@ -5,7 +5,7 @@ integration and is loaded on first use of its functions.
 """
 
 from .config import MethodConfig
-from .methods import CompressedLayer, KIVIConfig, KIVILayer
+from .methods import CompressedLayer, KIVIConfig, KIVILayer, QJLConfig, QJLLayer, TurboConfig, TurboLayer
 from .registry import config_class, make_layer, method_names
 
 __version__ = "0.1.0"
@@ -14,6 +14,10 @@ __all__ = [
     "CompressedLayer",
     "KIVIConfig",
     "KIVILayer",
+    "QJLConfig",
+    "QJLLayer",
+    "TurboConfig",
+    "TurboLayer",
     "MethodConfig",
     "config_class",
     "make_layer",

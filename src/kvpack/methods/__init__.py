@@ -2,5 +2,7 @@
 
 from .base import CompressedLayer
 from .kivi import KIVIConfig, KIVILayer
+from .qjl import QJLConfig, QJLLayer
+from .turbo import TurboConfig, TurboLayer
 
-__all__ = ["CompressedLayer", "KIVIConfig", "KIVILayer"]
+__all__ = ["CompressedLayer", "KIVIConfig", "KIVILayer", "QJLConfig", "QJLLayer", "TurboConfig", "TurboLayer"]
