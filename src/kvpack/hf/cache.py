@@ -1,0 +1,325 @@
+"""A ``transformers.Cache`` whose full-attention layers are kvpack stores.
+
+:func:`make_cache` builds a :class:`KVPackCache` for a model: one :class:`KVPackLayer` (a
+``CacheLayerMixin`` wrapping ``kvpack.make_layer(config, layer_idx)``) per full-attention layer, and the
+layers transformers' own ``DynamicCache(config=...)`` would build everywhere else (sliding-window,
+chunked, linear-attention and KV-sharing layers stay unquantized), plus plain ``DynamicLayer`` for the
+layers named in ``skip_layers``.
+
+What ``update`` returns depends on the model's attention implementation, read at every call:
+
+* compat (any attention implementation): the layer appends, then returns ``materialize()``, the
+  dequantized K/V (tokens flushed by this very append in full precision) in the model dtype;
+* fused (after :func:`kvpack.hf.enable`): the layer appends, then returns two :class:`KVHandle` objects
+  that the ``"kvpack"`` attention function turns into ``layer.attend(query, ...)``, reading the packed
+  store without materializing dequantized K/V.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+
+import torch
+from transformers import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import CacheLayerMixin
+
+from ..config import MethodConfig
+from ..methods.base import CompressedLayer
+from ..registry import config_class, make_layer
+
+__all__ = ["ATTENTION_NAME", "KVHandle", "KVPackCache", "KVPackLayer", "make_cache"]
+
+logger = logging.getLogger(__name__)
+
+#: Name under which the fused attention (and its mask) are registered with transformers.
+ATTENTION_NAME = "kvpack"
+
+
+class KVHandle:
+    """What a fused-mode ``update`` returns instead of a key or value tensor: a reference to the store.
+
+    Only the ``"kvpack"`` attention function consumes it (through ``store.attend``). ``shape`` and
+    ``dtype`` describe the tensor it stands for, ``(B, H_kv, T, D)`` in the model dtype, for code that
+    only inspects them; :meth:`materialize` builds that tensor (slow path, for debugging).
+    """
+
+    __slots__ = ("store", "part")
+
+    def __init__(self, store: CompressedLayer, part: str) -> None:
+        if part not in ("keys", "values"):
+            raise ValueError(f"part must be one of ('keys', 'values'), got {part!r}")
+        self.store = store
+        self.part = part
+
+    @property
+    def shape(self) -> torch.Size:
+        batch, heads, dim = self.store._shape
+        return torch.Size((batch, heads, self.store.num_tokens, dim))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.store.dtype
+
+    def materialize(self) -> torch.Tensor:
+        """The dequantized tensor attention reads this step, (B, H_kv, T, D) in the model dtype."""
+        keys, values = self.store.materialize()
+        return keys if self.part == "keys" else values
+
+    def __repr__(self) -> str:
+        return f"KVHandle({self.part}, shape={tuple(self.shape)}, layer_idx={self.store.layer_idx})"
+
+
+class KVPackLayer(CacheLayerMixin):
+    """One full-attention layer's cache: a kvpack :class:`~kvpack.methods.base.CompressedLayer` behind
+    transformers' ``CacheLayerMixin`` API.
+
+    Args:
+        method_config: the method config, e.g. ``kvpack.KIVIConfig(key_bits=4)``.
+        layer_idx: index of the attention layer (methods may seed per-layer state from it).
+
+    ``crop`` is supported (assisted decoding) but is not a perfect rollback once tokens were quantized: a
+    quantized key group cut in the middle returns to the fp residual as its reconstruction.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, method_config: MethodConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.method_config = method_config
+        self.layer_idx = layer_idx
+        self.store: CompressedLayer = make_layer(method_config, layer_idx=layer_idx)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, handles: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[KVHandle, KVHandle]:
+        """Append ``key_states`` / ``value_states`` (B, H_kv, T_new, D) and return what attention reads.
+
+        Returns:
+            ``handles=False``: (keys, values), each (B, H_kv, T, D) in the input dtype, dequantized, with the
+            tokens flushed by this append in full precision. ``handles=True``: two :class:`KVHandle`.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.store.append(key_states, value_states)
+        if handles:
+            return KVHandle(self.store, "keys"), KVHandle(self.store, "values")
+        return self.store.materialize()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the mask for ``query_length`` new tokens: every stored token is attended."""
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.store.num_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        """Drop every token (a fresh store; the next ``update`` starts over)."""
+        self.store = make_layer(self.method_config, layer_idx=self.layer_idx)
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (a negative int, as ``DynamicLayer.crop``); 0 is a no-op.
+
+        Raises:
+            ValueError: ``tokens_to_remove`` is positive (transformers' legacy "final length" meaning).
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop takes a negative number of tokens to remove, got {tokens_to_remove} "
+                "(the positive 'final length' form is not supported, as in DynamicLayer)"
+            )
+        if tokens_to_remove < 0 and self.store.num_tokens:
+            self.store.crop(max(self.store.num_tokens + tokens_to_remove, 0))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch rows for beam search."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep / reorder batch rows: ``indices`` a 1-D long tensor (or a boolean row mask)."""
+        if self.store.num_tokens == 0:
+            return
+        indices = torch.as_tensor(indices)
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().squeeze(-1)
+        self.store.select_batch(indices.long())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each batch row ``repeats`` times, as ``Tensor.repeat_interleave(repeats, dim=0)``."""
+        if self.store.num_tokens:
+            self.store.repeat_batch(repeats)
+
+    def offload(self):
+        raise NotImplementedError("KVPackLayer does not support offloading")
+
+    def prefetch(self):
+        raise NotImplementedError("KVPackLayer does not support offloading")
+
+    def nbytes(self) -> int:
+        """Bytes held by the store (codes, scales, zeros, fp residual)."""
+        return self.store.nbytes()
+
+    def fp16_nbytes(self) -> int:
+        """Bytes an fp16 ``DynamicLayer`` would hold for the same tokens."""
+        if self.store.num_tokens == 0:
+            return 0
+        batch, heads, dim = self.store._shape
+        return 2 * batch * heads * self.store.num_tokens * dim * 2  # K and V, 2 bytes each
+
+    def __repr__(self) -> str:
+        return f"KVPackLayer({self.store!r})"
+
+
+def _fp_layer_nbytes(layer) -> tuple[int, int]:
+    """(bytes held, fp16 bytes) of a transformers layer that stores plain ``keys`` / ``values`` tensors."""
+    held = fp16 = 0
+    for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        if isinstance(tensor, torch.Tensor):
+            held += tensor.numel() * tensor.element_size()
+            fp16 += tensor.numel() * 2
+    return held, fp16
+
+
+class KVPackCache(Cache):
+    """A ``transformers.Cache`` with a kvpack store in each full-attention layer.
+
+    Pass it to ``model.generate(..., cache=...)`` or to a manual forward loop (``model(..., cache=...)``);
+    ``past_key_values=`` still works in transformers 5.24 but is deprecated there. Prefer :func:`make_cache`.
+
+    Args:
+        config: the model's config (its decoder text config is used).
+        method_config: the kvpack method config shared by every quantized layer.
+        skip_layers: layer indices kept in full precision (a plain ``DynamicLayer``).
+
+    Raises:
+        ValueError: a ``skip_layers`` index is out of range, or ``group_size`` does not divide head_dim.
+    """
+
+    def __init__(self, config, method_config: MethodConfig, skip_layers: Iterable[int] = ()) -> None:
+        if not isinstance(method_config, MethodConfig):
+            raise TypeError(f"method_config must be a kvpack MethodConfig, got {type(method_config).__name__}")
+        text_config = config.get_text_config(decoder=True)
+        # transformers' own layer dispatch (sliding, chunked, linear, KV sharing) gives the unquantized layers.
+        layers = DynamicCache(config=text_config).layers
+        skip = set(skip_layers)
+        bad = sorted(i for i in skip if not isinstance(i, int) or not 0 <= i < len(layers))
+        if bad:
+            raise ValueError(f"skip_layers must be layer indices in [0, {len(layers)}), got {bad}")
+        _check_head_dim(text_config, method_config)
+        for i, layer in enumerate(layers):
+            # Exactly DynamicLayer: subclasses (sliding window, indexed) keep their own semantics.
+            if type(layer) is DynamicLayer and i not in skip:
+                layers[i] = KVPackLayer(method_config, layer_idx=i)
+        if not any(isinstance(layer, KVPackLayer) for layer in layers):
+            logger.warning("no layer of this model is quantized (all skipped, sliding-window or not attention)")
+        super().__init__(layers=layers)
+        self.method_config = method_config
+        self._text_config = text_config
+
+    def __deepcopy__(self, memo):
+        # A copy (e.g. a reused prompt cache) follows the same model: share its config instead of copying it,
+        # so that `fused` keeps tracking the model's attention implementation.
+        memo[id(self._text_config)] = self._text_config
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, copy.deepcopy(value, memo))
+        return new
+
+    @property
+    def fused(self) -> bool:
+        """Whether ``update`` returns handles: the model's attention implementation is ``"kvpack"``."""
+        return getattr(self._text_config, "_attn_implementation", None) == ATTENTION_NAME
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[KVHandle, KVHandle]:
+        """Store the new tokens of layer ``layer_idx`` and return what its attention reads (see module doc)."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, KVPackLayer):
+            return layer.update(key_states, value_states, handles=self.fused)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def nbytes(self) -> int:
+        """Bytes held by every layer: kvpack stores plus the fp tensors of unquantized layers."""
+        total = 0
+        for layer in self.layers:
+            total += layer.nbytes() if isinstance(layer, KVPackLayer) else _fp_layer_nbytes(layer)[0]
+        return total
+
+    def fp16_nbytes(self) -> int:
+        """Bytes an fp16 ``DynamicCache`` would hold for the same tokens (the comparison baseline)."""
+        total = 0
+        for layer in self.layers:
+            total += layer.fp16_nbytes() if isinstance(layer, KVPackLayer) else _fp_layer_nbytes(layer)[1]
+        return total
+
+    def __repr__(self) -> str:
+        kinds = [type(layer).__name__ for layer in self.layers]
+        return f"KVPackCache(method_config={self.method_config}, layers={kinds}, tokens={self.get_seq_length()})"
+
+
+def _head_dim(text_config) -> int | None:
+    head_dim = getattr(text_config, "head_dim", None)
+    if head_dim:
+        return head_dim
+    hidden, heads = getattr(text_config, "hidden_size", None), getattr(text_config, "num_attention_heads", None)
+    return hidden // heads if hidden and heads else None
+
+
+def _check_head_dim(text_config, method_config: MethodConfig) -> None:
+    head_dim = _head_dim(text_config)
+    group_size = getattr(method_config, "group_size", None)
+    if head_dim and group_size and head_dim % group_size:
+        raise ValueError(f"group_size {group_size} must divide the model's head_dim {head_dim}")
+
+
+def make_cache(
+    model,
+    method_config: MethodConfig | str = "kivi",
+    *,
+    skip_layers: Iterable[int] = (),
+    **overrides,
+) -> KVPackCache:
+    """A fresh :class:`KVPackCache` for ``model``, to pass as ``cache=`` to ``generate`` or ``forward``.
+
+    Args:
+        model: a transformers model (or its config).
+        method_config: a kvpack method config, or a method name (``kvpack.method_names()``) for its defaults.
+        skip_layers: layer indices kept in full precision.
+        **overrides: config fields to change, e.g. ``key_bits=4, residual_length=64``.
+
+    Returns:
+        A :class:`KVPackCache`; the model attends through the packed store after :func:`kvpack.hf.enable`.
+
+    Raises:
+        ValueError: unknown method name or config field, invalid field value, bad ``skip_layers``.
+    """
+    if isinstance(method_config, str):
+        method_config = config_class(method_config)()
+    if not isinstance(method_config, MethodConfig):
+        raise TypeError(
+            f"method_config must be a kvpack MethodConfig or a method name, got {type(method_config).__name__}"
+        )
+    if overrides:
+        known = {f for f in method_config.to_dict() if f != "method"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown {type(method_config).__name__} fields {unknown}; allowed: {sorted(known)} (and skip_layers)"
+            )
+        method_config = method_config.replace(**overrides)
+    config = getattr(model, "config", model)
+    return KVPackCache(config, method_config, skip_layers=skip_layers)
