@@ -10,9 +10,9 @@ import math
 
 import torch
 
-from ..primitives import dequantize_affine, unpack_bits
+from ..primitives import dequantize_affine, pack_bits, quantize_affine, unpack_bits
 
-__all__ = ["kivi_key_scores", "qjl_key_scores", "value_weighted_sum"]
+__all__ = ["kivi_key_scores", "qjl_key_scores", "value_weighted_sum", "quantize_pack_tokens", "quantize_pack_key_groups", "pack_signs"]
 
 
 def kivi_key_scores(
@@ -104,3 +104,55 @@ def qjl_key_scores(
     dot_in = torch.einsum("bhmnp,bhngp->bhmng", sketched_in.expand(-1, -1, -1, n_groups, -1), sign_in)
     scores += dot_in * (math.sqrt(math.pi / 2) / m) * norms.float().unsqueeze(2)
     return scores.reshape(batch, heads, rows, n_groups * group)
+
+
+def quantize_pack_tokens(
+    values: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token min-max quantization in groups of ``group_size`` channels, codes packed along channels.
+
+    Args:
+        values: (B, H, T, D) floating.
+        bits, group_size: code width and channels per group (must divide D).
+        scale_dtype: storage dtype of scale/zero (default: ``values.dtype``).
+
+    Returns:
+        ``codes`` (B, H, T, ceil(D * bits / 8)) uint8, ``scale`` and ``zero`` (B, H, T, D / G).
+
+    Raises:
+        ValueError: as :func:`kvpack.primitives.quantize_affine`.
+    """
+    codes, scale, zero = quantize_affine(values, bits, group_size, -1, scale_dtype)
+    return pack_bits(codes, bits, dim=-1), scale, zero
+
+
+def quantize_pack_key_groups(
+    keys: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel min-max quantization over groups of ``group_size`` tokens (KIVI keys), codes packed
+    along the group's tokens.
+
+    Args:
+        keys: (B, H, N * G, D) floating, G = ``group_size``.
+        bits: code width.
+        scale_dtype: storage dtype of scale/zero (default: ``keys.dtype``).
+
+    Returns:
+        ``codes`` (B, H, N, D, ceil(G * bits / 8)) uint8, ``scale`` and ``zero`` (B, H, N, D).
+
+    Raises:
+        ValueError: as :func:`kvpack.primitives.quantize_affine`, or a token count not a multiple of G.
+    """
+    batch, heads, tokens, dim = keys.shape
+    if group_size <= 0 or tokens % group_size:
+        raise ValueError(f"the token count ({tokens}) must be a multiple of group_size ({group_size})")
+    grouped = keys.reshape(batch, heads, tokens // group_size, group_size, dim)
+    grouped = grouped.transpose(-1, -2)  # (B, H, N, D, G): a channel's G tokens are contiguous
+    codes, scale, zero = quantize_affine(grouped, bits, group_size, -1, scale_dtype)
+    return pack_bits(codes, bits, dim=-1), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def pack_signs(x: torch.Tensor) -> torch.Tensor:
+    """QJL sign bits: ``x`` (..., m) float32 -> (..., ceil(m / 8)) uint8, bit p % 8 of byte p // 8 set iff
+    ``x[..., p] > 0`` (so 0 and NaN give 0)."""
+    return pack_bits((x > 0).to(torch.uint8), 1, dim=-1)

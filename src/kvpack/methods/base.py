@@ -340,10 +340,10 @@ class QuantizedValueStore(TokenValueStore):
         return self.tokens["codes"]
 
     def quantize_tokens(self, values):
-        from ..primitives import pack_bits, quantize_affine
+        from .. import kernels
 
-        codes, scale, zero = quantize_affine(values, self.bits, self.group_size, -1, self.scale_dtype)
-        return {"codes": pack_bits(codes, self.bits, dim=-1), "scale": scale, "zero": zero}
+        codes, scale, zero = kernels.quantize_pack_tokens(values, self.bits, self.group_size, self.scale_dtype)
+        return {"codes": codes, "scale": scale, "zero": zero}  # (B, H, n, D * bits / 8), (B, H, n, D / G) x2
 
     def token_weighted_sum(self, weights, tokens):
         from .. import kernels

@@ -8,7 +8,7 @@ import torch
 
 from .. import kernels
 from ..config import SCALE_DTYPES, MethodConfig, check_choice, check_positive_int
-from ..primitives import dequantize_affine, pack_bits, quantize_affine, unpack_bits
+from ..primitives import dequantize_affine, unpack_bits
 from ..registry import register
 from .base import BlockKeyStore, CompressedLayer, QuantizedValueStore
 
@@ -73,15 +73,8 @@ class KIVIKeyStore(BlockKeyStore):
         self.scale_dtype = scale_dtype
 
     def quantize_groups(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
-        batch, heads, tokens, dim = keys.shape
-        grouped = keys.reshape(batch, heads, tokens // self.group_size, self.group_size, dim)
-        grouped = grouped.transpose(-1, -2)  # (B, H, N, D, G): a channel's G tokens are contiguous
-        codes, scale, zero = quantize_affine(grouped, self.bits, self.group_size, -1, self.scale_dtype)
-        return {
-            "codes": pack_bits(codes, self.bits, dim=-1),  # (B, H, N, D, G * bits / 8)
-            "scale": scale.squeeze(-1),  # (B, H, N, D)
-            "zero": zero.squeeze(-1),
-        }
+        codes, scale, zero = kernels.quantize_pack_key_groups(keys, self.bits, self.group_size, self.scale_dtype)
+        return {"codes": codes, "scale": scale, "zero": zero}  # (B, H, N, D, G * bits / 8), (B, H, N, D) x2
 
     def group_scores(self, query, groups):
         return kernels.kivi_key_scores(query, groups["codes"], groups["scale"], groups["zero"], self.bits)

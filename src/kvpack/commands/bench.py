@@ -1,0 +1,536 @@
+"""``kvpack bench``: decode attention, end-to-end generation and prefill, against baselines, on this machine.
+
+Parts (``--parts``, default all three):
+
+1. ``attention``: one decode step of attention (one new query token over a cache of ``context`` tokens plus
+   that token; cache updates excluded) for one layer and for every layer of the embedded model's shape
+   (30 layers, 3 kv heads, 9 query heads, head_dim 64): kvpack fused (packed store, fast kernels), kvpack
+   compat (dequantize, then SDPA), float32 and bfloat16 SDPA over an uncompressed cache, and transformers'
+   ``QuantizedCache`` layers (quanto, HQQ backends: dequantize the whole cache, then SDPA). Each row gives
+   the time per step, the ratio to float32 SDPA, and the fraction of this machine's limit reached: the
+   larger of (bytes read / memory bandwidth) and (multiply-adds / peak fp32 rate), both measured in the
+   same run (a large tensor sum and a large matmul).
+2. ``generate``: greedy decoding tokens/s of the embedded model at long context over a batch sweep, and
+   per method the largest batch whose KV cache fits ``--memory-budget-gb`` with its throughput. The prompt
+   is prefilled once (batch 1) and its per-layer K/V are repeated over the batch to fill each cache.
+3. ``prefill``: model prefill time with an uncompressed cache and with each quantized cache, and the
+   time spent quantizing (the layers' ``append``).
+
+Timings interleave the variants round-robin and keep each one's best of ``--repeat`` (this machine may be
+shared; the load average is reported). Writes ``bench.json`` and ``bench.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+HELP = "time decode attention, generation and prefill against SDPA and transformers' QuantizedCache"
+
+GRIDS = {
+    "quick": {"batch": (1, 8), "context": (1024, 8192), "layers": (1, 30)},
+    "full": {"batch": (1, 8), "context": (1024, 4096, 8192, 16384, 32768), "layers": (1, 30)},
+}
+MODEL_SHAPE = {"kv_heads": 3, "q_heads": 9, "head_dim": 64, "layers": 30}  # SmolLM2-135M
+PARTS = ("attention", "generate", "prefill")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to run (default all)")
+    parser.add_argument("--grid", choices=tuple(GRIDS), default="quick", help="attention grid (default quick)")
+    parser.add_argument("--batch", type=int, nargs="+", help="attention batches (overrides the grid)")
+    parser.add_argument("--context", type=int, nargs="+", help="attention contexts (overrides the grid)")
+    parser.add_argument("--layers", type=int, nargs="+", help="layer counts to time together (default 1 30)")
+    parser.add_argument("--methods", nargs="+", help="attention rows to run (default all): " + ", ".join(_ATTENTION_METHODS))
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds per variant (best kept, default 5)")
+    parser.add_argument("--max-cache-gb", type=float, default=4.0,
+                        help="skip attention cases whose float32 cache exceeds this (default 4)")  # fmt: skip
+    parser.add_argument("--gen-context", type=int, default=2048, help="prompt tokens for generate (default 2048)")
+    parser.add_argument("--gen-batch", type=int, nargs="+", default=[1, 4, 8], help="generate batch sweep")
+    parser.add_argument("--gen-tokens", type=int, default=8, help="tokens decoded per generate run (default 8)")
+    parser.add_argument("--memory-budget-gb", type=float, default=0.5,
+                        help="KV cache budget for the largest-batch column (default 0.5)")  # fmt: skip
+    parser.add_argument("--prefill-context", type=int, nargs="+", default=[1024, 2048], help="prefill lengths")
+    parser.add_argument("--out", default="bench-out", help="output folder for bench.json and bench.png")
+    parser.add_argument("--threads", type=int, help="torch (and kernel) threads (default: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# --- machine ----------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        model = fields.get("Model name", model).strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def best_of(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_limits(repeat: int) -> dict:
+    """Memory bandwidth (GB/s, a 512 MB float32 sum) and peak fp32 rate (GFLOP/s, a 2048^3 matmul)."""
+    import torch
+
+    x = torch.ones(128 * 1024 * 1024)
+    bandwidth = x.numel() * 4 / best_of(lambda: x.sum(), repeat) / 1e9
+    del x
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    flops = 2 * 2048**3 / best_of(lambda: a @ b, repeat) / 1e9
+    return {"bandwidth_gbs": bandwidth, "peak_gflops": flops}
+
+
+def run_round_robin(variants: dict, repeat: int) -> dict:
+    """Best seconds of each variant, timing them in turns so that load changes hit all alike."""
+    best = {}
+    for name, fn in variants.items():
+        fn()  # warm up (first-use builds, allocations)
+        best[name] = float("inf")
+    for _ in range(repeat):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+# --- part 1: decode attention -----------------------------------------------------------------------------
+def _kvpack_configs():
+    import kvpack
+
+    return {
+        "kvpack KIVI-2": kvpack.KIVIConfig(key_bits=2, value_bits=2),
+        "kvpack KIVI-4": kvpack.KIVIConfig(key_bits=4, value_bits=4),
+        "kvpack QJL": kvpack.QJLConfig(),
+    }
+
+
+_ATTENTION_METHODS = (
+    "fp32 SDPA",
+    "bf16 SDPA",
+    "kvpack KIVI-2",
+    "kvpack KIVI-4",
+    "kvpack QJL",
+    "compat KIVI-2",
+    "quanto-2",
+    "hqq-2",
+)
+
+
+def _synthetic_kv(batch, tokens, seed):
+    import torch
+
+    shape = MODEL_SHAPE
+    gen = torch.Generator().manual_seed(seed)
+    size = (batch, shape["kv_heads"], tokens, shape["head_dim"])
+    channel_scale = torch.ones(shape["head_dim"])
+    channel_scale[:4] = 8.0  # a few large key channels, as in real models
+    keys = torch.randn(size, generator=gen) * channel_scale
+    values = torch.randn(size, generator=gen)
+    query = torch.randn(batch, shape["q_heads"], 1, shape["head_dim"], generator=gen)
+    return keys, values, query
+
+
+def _quantized_cache_layer(backend: str, keys, values):
+    """A transformers QuantizedCache layer holding ``keys``/``values`` (2-bit), or raises ImportError."""
+    from transformers.cache_utils import HQQQuantizedLayer, QuantoQuantizedLayer
+
+    cls = QuantoQuantizedLayer if backend == "quanto" else HQQQuantizedLayer
+    layer = cls(nbits=2, axis_key=0, axis_value=0, q_group_size=64, residual_length=128)
+    layer.update(keys[:, :, :-1], values[:, :, :-1])  # quantizes the prompt
+    layer.update(keys[:, :, -1:], values[:, :, -1:])  # the new token stays in the fp residual
+    return layer
+
+
+def _quantized_cache_attention(layer, query):
+    """What a QuantizedCache decode step computes: dequantize everything, append the residual, SDPA."""
+    import torch
+    import torch.nn.functional as F
+
+    keys = torch.cat([layer._dequantize(layer._quantized_keys), layer.keys], dim=-2)
+    values = torch.cat([layer._dequantize(layer._quantized_values), layer.values], dim=-2)
+    return F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
+
+
+def attention_case(n_layers, batch, context, methods, repeat, seed, limits) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    import kvpack
+    from kvpack import kernels
+
+    keys, values, query = _synthetic_kv(batch, context + 1, seed)
+    tokens = context + 1
+    shape = MODEL_SHAPE
+    fp32_bytes = 2 * keys.numel() * 4  # one layer's K and V in float32
+    macs = 2 * batch * shape["q_heads"] * tokens * shape["head_dim"]  # q.k and p.v, one layer
+    variants, bytes_read, notes = {}, {}, {}
+
+    if "fp32 SDPA" in methods or "bf16 SDPA" in methods:
+        for name, dtype in (("fp32 SDPA", torch.float32), ("bf16 SDPA", torch.bfloat16)):
+            if name not in methods:
+                continue
+            kv = [(keys.to(dtype).clone(), values.to(dtype).clone()) for _ in range(n_layers)]
+            q = query.to(dtype)
+            variants[name] = lambda kv=kv, q=q: [F.scaled_dot_product_attention(q, k, v, enable_gqa=True) for k, v in kv]
+            bytes_read[name] = fp32_bytes * (2 if dtype == torch.float32 else 1) // 2
+
+    configs = _kvpack_configs()
+    for name, config in configs.items():
+        compat = "compat " + name.split(" ", 1)[1]
+        if name not in methods and compat not in methods:
+            continue
+        layer = kvpack.make_layer(config)
+        layer.append(keys[:, :, :-1], values[:, :, :-1])  # the prompt (flushes whole blocks)
+        layer.append(keys[:, :, -1:], values[:, :, -1:])  # the new token: attention reads the packed store
+        layers = [layer] + [copy.deepcopy(layer) for _ in range(n_layers - 1)]
+        stored = layer.nbytes()
+        if name in methods:
+            def fused(layers=layers):
+                with kernels.use("fast"):
+                    return [lay.attend(query) for lay in layers]
+
+            variants[name] = fused
+            bytes_read[name] = stored
+        if compat in methods:
+            def materialized(layers=layers):
+                out = []
+                for lay in layers:
+                    k, v = lay.materialize()
+                    out.append(F.scaled_dot_product_attention(query, k, v, enable_gqa=True))
+                return out
+
+            variants[compat] = materialized
+            bytes_read[compat] = stored + 2 * fp32_bytes  # + the dequantized cache, written then read
+
+    for backend in ("quanto", "hqq"):
+        name = f"{backend}-2"
+        if name not in methods:
+            continue
+        try:  # quantized tensors do not deepcopy: quantize each layer
+            layers = [_quantized_cache_layer(backend, keys, values) for _ in range(n_layers)]
+        except ImportError as err:
+            notes[name] = f"skipped: {err}"
+            continue
+        variants[name] = lambda layers=layers: [_quantized_cache_attention(lay, query) for lay in layers]
+        bytes_read[name] = fp32_bytes * 2 // 16 + 2 * fp32_bytes  # 2-bit codes (scales not counted) + fp copy
+
+    times = run_round_robin(variants, repeat)
+    rows = []
+    fp32 = times.get("fp32 SDPA")
+    for name, seconds in times.items():
+        total_bytes = bytes_read[name] * n_layers
+        memory_s = total_bytes / (limits["bandwidth_gbs"] * 1e9)
+        compute_s = macs * n_layers * 2 / (limits["peak_gflops"] * 1e9)
+        limit_s = max(memory_s, compute_s)
+        rows.append({
+            "layers": n_layers, "batch": batch, "context": context, "method": name, "ms": seconds * 1e3,
+            "vs_fp32": fp32 / seconds if fp32 else None, "limit_fraction": limit_s / seconds,
+            "bound": "memory" if memory_s >= compute_s else "compute", "bytes_read": total_bytes,
+        })  # fmt: skip
+    for name, note in notes.items():
+        rows.append({"layers": n_layers, "batch": batch, "context": context, "method": name, "note": note})
+    return rows
+
+
+def run_attention(args, limits) -> list[dict]:
+    grid = GRIDS[args.grid]
+    methods = args.methods or list(_ATTENTION_METHODS)
+    unknown = set(methods) - set(_ATTENTION_METHODS)
+    if unknown:
+        raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from {_ATTENTION_METHODS}")
+    rows = []
+    print(f"\n== decode attention: one new token over `context` cached tokens ({MODEL_SHAPE}) ==")
+    print(f"{'layers':>6} {'batch':>5} {'context':>7}  {'method':<15} {'ms/step':>9} {'x fp32':>7} {'% limit':>8}  bound")
+    for n_layers in args.layers or grid["layers"]:
+        for batch in args.batch or grid["batch"]:
+            for context in args.context or grid["context"]:
+                fp32_gb = n_layers * 2 * batch * MODEL_SHAPE["kv_heads"] * context * MODEL_SHAPE["head_dim"] * 4 / 1e9
+                if fp32_gb > args.max_cache_gb:
+                    print(f"{n_layers:>6} {batch:>5} {context:>7}  skipped: float32 cache {fp32_gb:.1f} GB > "
+                          f"--max-cache-gb {args.max_cache_gb}")  # fmt: skip
+                    continue
+                for row in attention_case(n_layers, batch, context, methods, args.repeat, args.seed, limits):
+                    rows.append(row)
+                    if "note" in row:
+                        print(f"{n_layers:>6} {batch:>5} {context:>7}  {row['method']:<15} {row['note']}")
+                        continue
+                    ratio = f"{row['vs_fp32']:.2f}" if row["vs_fp32"] else "-"
+                    print(f"{n_layers:>6} {batch:>5} {context:>7}  {row['method']:<15} {row['ms']:>9.2f} "
+                          f"{ratio:>7} {100 * row['limit_fraction']:>7.1f}%  {row['bound']}")  # fmt: skip
+    return rows
+
+
+# --- part 2: generation -----------------------------------------------------------------------------------
+def _cache_factories(model):
+    """name -> (make_cache() -> cache, fused attention?) for the generation and prefill parts."""
+    import kvpack
+
+    factories = {"fp32 DynamicCache": (None, False)}
+    for name, config in _kvpack_configs().items():
+        factories[name] = (lambda config=config: kvpack.make_cache(model, config), True)
+    factories["compat KIVI-2"] = (lambda: kvpack.make_cache(model, kvpack.KIVIConfig()), False)
+    try:
+        import optimum.quanto  # noqa: F401
+        from transformers import QuantizedCache
+
+        factories["quanto-2"] = (
+            lambda: QuantizedCache("quanto", model.config, nbits=2, q_group_size=64, residual_length=128), False
+        )
+    except ImportError:
+        pass
+    return factories
+
+
+def _prefilled_kv(model, context, seed):
+    """Per-layer (keys, values) of a ``context``-token random prompt, batch 1, and the next token."""
+    import torch
+    from transformers import DynamicCache
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=gen)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    return kv, out.logits[:, -1].argmax(-1)
+
+
+def _filled_cache(factory, model, kv, batch):
+    """A cache of ``factory`` holding ``kv`` repeated over ``batch`` rows (or a DynamicCache)."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config) if factory is None else factory()
+    for idx, (k, v) in enumerate(kv):
+        cache.update(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous(), idx)
+    return cache
+
+
+def _decode(model, cache, token, batch, steps):
+    """Greedy decode ``steps`` tokens from a filled cache; seconds taken."""
+    import torch
+
+    ids = token.expand(batch).reshape(batch, 1)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(steps):
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            ids = out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - start
+
+
+def _cache_nbytes(cache) -> int:
+    nbytes = getattr(cache, "nbytes", None)
+    if callable(nbytes):
+        return nbytes()
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if t is not None and hasattr(t, "numel"):
+                total += t.numel() * t.element_size()
+        for q in (getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None)):
+            if q is not None:
+                total += sum(t.numel() * t.element_size() for t in _qtensor_parts(q))
+    return total
+
+
+def _qtensor_parts(q):
+    import torch
+
+    if isinstance(q, torch.Tensor) and not hasattr(q, "_data"):
+        return [q]
+    parts = []
+    for attr in ("_data", "_scale", "_shift"):
+        t = getattr(q, attr, None)
+        if t is not None:
+            parts.extend(_qtensor_parts(t) if hasattr(t, "_data") else [t])
+    return parts
+
+
+def run_generate(args, model) -> list[dict]:
+    import torch
+
+    import kvpack
+
+    print(f"\n== generate: greedy decode tokens/s, {args.gen_context}-token prompt, {args.gen_tokens} new tokens ==")
+    kv, token = _prefilled_kv(model, args.gen_context, args.seed)
+    rows = []
+    budget = args.memory_budget_gb * 1e9
+    print(f"{'method':<18} {'batch':>5} {'tokens/s':>9} {'KV MB':>9}")
+    for name, (factory, fused) in _cache_factories(model).items():
+        (kvpack.enable if fused else kvpack.hf.disable)(model)
+        per_sequence = None
+        for batch in sorted(set(args.gen_batch)):
+            cache = _filled_cache(factory, model, kv, batch)
+            nbytes = _cache_nbytes(cache)
+            per_sequence = nbytes / batch
+            _decode(model, cache, token, batch, 1)  # warm up (the cache grows by one token)
+            seconds = _decode(model, cache, token, batch, args.gen_tokens)
+            rows.append({"part": "generate", "method": name, "batch": batch, "context": args.gen_context,
+                         "tokens_per_s": batch * args.gen_tokens / seconds, "kv_bytes": nbytes})  # fmt: skip
+            print(f"{name:<18} {batch:>5} {rows[-1]['tokens_per_s']:>9.1f} {nbytes / 1e6:>9.1f}")
+            del cache
+        max_batch = int(budget // per_sequence) if per_sequence else 0
+        if max_batch >= 1:
+            cache = _filled_cache(factory, model, kv, max_batch)
+            _decode(model, cache, token, max_batch, 1)
+            seconds = _decode(model, cache, token, max_batch, args.gen_tokens)
+            rows.append({"part": "generate-budget", "method": name, "batch": max_batch, "context": args.gen_context,
+                         "tokens_per_s": max_batch * args.gen_tokens / seconds, "kv_bytes": _cache_nbytes(cache),
+                         "budget_bytes": budget})  # fmt: skip
+            print(f"{name:<18} {max_batch:>5} {rows[-1]['tokens_per_s']:>9.1f} {rows[-1]['kv_bytes'] / 1e6:>9.1f}"
+                  f"  <- largest batch within {args.memory_budget_gb} GB")  # fmt: skip
+            del cache
+        torch.manual_seed(args.seed)
+    kvpack.hf.disable(model)
+    return rows
+
+
+# --- part 3: prefill --------------------------------------------------------------------------------------
+def run_prefill(args, model) -> list[dict]:
+    import torch
+
+    import kvpack
+
+    print("\n== prefill: batch 1 forward over the prompt, per cache; quantization = time in the layers' append ==")
+    print(f"{'method':<18} {'context':>7} {'prefill ms':>11} {'quantize ms':>12} {'share':>6}")
+    rows = []
+    factories = _cache_factories(model)
+    for context in args.prefill_context:
+        ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(args.seed))
+        for name, (factory, fused) in factories.items():
+            (kvpack.enable if fused else kvpack.hf.disable)(model)
+            quantize_s = [0.0]
+            best_total, best_quant = float("inf"), 0.0
+            for _ in range(max(1, args.repeat // 2)):
+                cache = _filled_cache(None, model, [], 1) if factory is None else factory()
+                _time_appends(cache, quantize_s)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                total = time.perf_counter() - start
+                if total < best_total:
+                    best_total, best_quant = total, quantize_s[0]
+                quantize_s[0] = 0.0
+            share = best_quant / best_total if factory is not None and "kvpack" in name else None
+            rows.append({"part": "prefill", "method": name, "context": context, "ms": best_total * 1e3,
+                         "quantize_ms": best_quant * 1e3 if share is not None else None, "quantize_share": share})  # fmt: skip
+            quant = f"{best_quant * 1e3:>12.1f} {100 * share:>5.1f}%" if share is not None else f"{'-':>12} {'-':>6}"
+            print(f"{name:<18} {context:>7} {best_total * 1e3:>11.1f} {quant}")
+    kvpack.hf.disable(model)
+    return rows
+
+
+def _time_appends(cache, accumulator) -> None:
+    """Accumulate the seconds kvpack layers spend in ``append`` (quantization and packing) into accumulator[0]."""
+    for layer in getattr(cache, "layers", []):
+        store = getattr(layer, "store", None)
+        if store is None or not hasattr(store, "append"):
+            continue
+        original = store.append
+
+        def timed(keys, values, original=original):
+            start = time.perf_counter()
+            original(keys, values)
+            accumulator[0] += time.perf_counter() - start
+
+        store.append = timed
+
+
+# --- output -----------------------------------------------------------------------------------------------
+def plot(rows: list[dict], path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        return f"no plot: {err} (pip install matplotlib)"
+    attention = [r for r in rows if r.get("part") == "attention" and "ms" in r]
+    if not attention:
+        return "no plot: no attention rows"
+    cases = sorted({(r["layers"], r["batch"]) for r in attention})
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.5 * len(cases), 4), squeeze=False)
+    for ax, (n_layers, batch) in zip(axes[0], cases):
+        for method in dict.fromkeys(r["method"] for r in attention):
+            pts = sorted((r["context"], r["ms"]) for r in attention
+                         if r["method"] == method and r["layers"] == n_layers and r["batch"] == batch)  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step",
+               title=f"{n_layers} layer(s), batch {batch}")  # fmt: skip
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def run(args) -> int:
+    import torch
+
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    limits = measure_limits(args.repeat)
+    info.update(limits)
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} threads, "
+          f"load average {info['load_average_start']}")  # fmt: skip
+    print(f"measured: memory bandwidth {limits['bandwidth_gbs']:.1f} GB/s (float32 sum), "
+          f"peak {limits['peak_gflops']:.1f} GFLOP/s (float32 matmul)")  # fmt: skip
+
+    from kvpack.kernels import cpu
+
+    start = time.perf_counter()
+    reason = cpu.available()
+    info["kernel_load_s"] = time.perf_counter() - start
+    print(f"fast kernels: {'loaded' if reason is None else 'UNAVAILABLE: ' + reason} ({info['kernel_load_s']:.1f} s, "
+          f"cache {cpu.cache_dir()})")  # fmt: skip
+
+    rows = []
+    if "attention" in args.parts:
+        rows += [dict(r, part="attention") for r in run_attention(args, limits)]
+    if {"generate", "prefill"} & set(args.parts):
+        import kvpack
+
+        model, _ = kvpack.load_model()
+        torch.set_grad_enabled(False)
+        if "generate" in args.parts:
+            rows += run_generate(args, model)
+        if "prefill" in args.parts:
+            rows += run_prefill(args, model)
+    info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    (out_dir / "bench.json").write_text(json.dumps({"machine": info, "args": vars(args) | {"_run": None}, "rows": rows},
+                                                   indent=1, default=str))  # fmt: skip
+    note = plot(rows, out_dir / "bench.png")
+    print(f"\nwrote {out_dir / 'bench.json'}" + (f"; {note}" if note else f" and {out_dir / 'bench.png'}"))
+    print(f"load average at the end: {info['load_average_end']}")
+    return 0

@@ -1,0 +1,674 @@
+// Fused CPU decode kernels for kvpack (see kvpack/kernels/cpu.py, which builds and loads this file).
+//
+// Plain C++ with an extern "C" ABI, called through ctypes with raw pointers and strides: it includes no
+// torch header, so it compiles in seconds. It uses OpenMP; loaded after torch, it shares torch's libgomp
+// (same soname) and so torch's thread pool.
+//
+// Layouts (kvpack.kernels.reference documents them): B batch, H kv heads, M query rows per kv head,
+// N key groups of G tokens, D head_dim, T tokens. Codes are packed LSB-first, 8 / BITS per byte.
+//
+// The inner loops (block_dot) read one byte row of packed codes at a time and accumulate in "bit-plane"
+// order: 8 bytes widen to 8 lanes once, and each bit plane is one shift and mask; the element order is
+// restored once per output block, not per code.
+// Each code is dequantized once (fma(code, scale, zero), as the reference does) and then shared by all
+// query rows. Factoring the zero point out (sum q (c s + z) = sum (q s) c + sum q z) saves that FMA but
+// adds cancellation error beyond 2x the reference's, so it is not done.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <omp.h>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum ScaleType { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else if (exp) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (!mant) {
+    bits = sign;
+  } else {  // subnormal half: renormalize
+    exp = 113;
+    while (!(mant & 0x400)) { mant <<= 1; --exp; }
+    bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+#if !defined(__F16C__)
+inline uint16_t float_to_half_rne(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7fffffffu;
+  if (x >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (x > 0x7f800000u ? 0x200u : 0u));  // inf / nan
+  if (x >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);                                     // overflow
+  if (x < 0x38800000u) {  // subnormal half or zero: add 0.5 (as a float) to round at the right place
+    float magic;
+    const uint32_t m = 0x3f000000u;  // 0.5f
+    std::memcpy(&magic, &m, 4);
+    float v;
+    std::memcpy(&v, &x, 4);
+    v += magic;
+    uint32_t r;
+    std::memcpy(&r, &v, 4);
+    return (uint16_t)(sign | (r - m));
+  }
+  const uint32_t mant_odd = (x >> 13) & 1u;
+  x += 0xc8000fffu + mant_odd;  // rebias exponent (-112 << 23) and round to nearest even
+  return (uint16_t)(sign | (x >> 13));
+}
+#endif
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float load_scale(const void* base, int64_t i, int type) {
+  switch (type) {
+    case kF16: return half_to_float(static_cast<const uint16_t*>(base)[i]);
+    case kBF16: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+// float -> stored scale type, rounding to nearest even as torch's Tensor.to does; returns the stored value
+// read back as float, and writes the stored bits to dst[i].
+inline float store_scale(void* dst, int64_t i, float x, int type) {
+  if (type == kF32) {
+    static_cast<float*>(dst)[i] = x;
+    return x;
+  }
+  uint16_t h;
+  if (type == kF16) {
+#if defined(__F16C__)
+    h = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
+#else
+    h = float_to_half_rne(x);
+#endif
+  } else {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    h = std::isnan(x) ? (uint16_t)0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  static_cast<uint16_t*>(dst)[i] = h;
+  return type == kF16 ? half_to_float(h) : bf16_to_float(h);
+}
+
+// One output block of CH elements (one channel's CH tokens for keys, one token's CH channels for values):
+//   out[r][e] = sum_{i < count} w_i[r] * (code_i[e] * scale_i + zero_i),   r < ROWS, e < CH,
+// where code_i is row i of packed bytes (NB = CH / PER bytes, codes LSB-first), scale_i / zero_i are
+// element i0 + i * sz_stride of the scale/zero arrays, and w_i[r] = w[i * w_i + r * w_r].
+struct BlockArgs {
+  int64_t count;
+  const uint8_t* bytes;
+  int64_t byte_stride;
+  const void* scale;
+  const void* zero;
+  int64_t sz_offset, sz_stride;
+  int scale_type;
+  const float* w;
+  int64_t w_i, w_r;
+  float* out;
+  int64_t out_row;
+};
+
+template <int BITS, int CH, int ROWS>
+void block_dot_scalar(const BlockArgs& a) {
+  constexpr int PER = 8 / BITS, NB = CH / PER, MASK = (1 << BITS) - 1;
+  float acc[ROWS][CH] = {};
+  for (int64_t i = 0; i < a.count; ++i) {
+    const uint8_t* bytes = a.bytes + i * a.byte_stride;
+    const float scale = load_scale(a.scale, a.sz_offset + i * a.sz_stride, a.scale_type);
+    const float zero = load_scale(a.zero, a.sz_offset + i * a.sz_stride, a.scale_type);
+    float value[CH];
+    for (int j = 0; j < NB; ++j)
+      for (int s = 0; s < PER; ++s) value[j * PER + s] = std::fma((float)((bytes[j] >> (s * BITS)) & MASK), scale, zero);
+    for (int r = 0; r < ROWS; ++r) {
+      const float w = a.w[i * a.w_i + r * a.w_r];
+      for (int e = 0; e < CH; ++e) acc[r][e] += w * value[e];
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int e = 0; e < CH; ++e) a.out[r * a.out_row + e] = acc[r][e];
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// AVX2: 8 bytes widen to 8 int32 lanes; a "slot" (bit plane s of byte vector v) is one shift, one mask,
+// one int->float conversion and one FMA (dequantization), shared by all rows, then one FMA per row.
+// Lane l of slot (s, v) is element (8 v + l) * PER + s; the permutation is undone once, at the store.
+// The CH / 8 slots are done S at a time so that ROWS * S accumulators stay in registers (AVX2 has 16).
+template <int BITS, int CH, int ROWS, int P0>
+inline void block_dot_pass(const BlockArgs& a) {
+  constexpr int PER = 8 / BITS, NB = CH / PER, NV = NB / 8, P = PER * NV, MASK = (1 << BITS) - 1;
+  constexpr int S0 = 8 / ROWS < 1 ? 1 : 8 / ROWS, S = S0 < P - P0 ? S0 : P - P0;
+  __m256 acc[ROWS][S];
+  for (int r = 0; r < ROWS; ++r)
+    for (int j = 0; j < S; ++j) acc[r][j] = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi32(MASK);
+  for (int64_t i = 0; i < a.count; ++i) {
+    const uint8_t* bytes = a.bytes + i * a.byte_stride;
+    const __m256 scale = _mm256_set1_ps(load_scale(a.scale, a.sz_offset + i * a.sz_stride, a.scale_type));
+    const __m256 zero = _mm256_set1_ps(load_scale(a.zero, a.sz_offset + i * a.sz_stride, a.scale_type));
+    __m256 w[ROWS];
+    for (int r = 0; r < ROWS; ++r) w[r] = _mm256_broadcast_ss(a.w + i * a.w_i + r * a.w_r);
+    for (int j = 0; j < S; ++j) {
+      const int slot = P0 + j, s = slot / NV, v = slot % NV;
+      const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * v)));
+      const __m256i c = BITS == 8 ? x : _mm256_and_si256(_mm256_srli_epi32(x, s * BITS), mask);
+      const __m256 value = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), scale, zero);
+      for (int r = 0; r < ROWS; ++r) acc[r][j] = _mm256_fmadd_ps(w[r], value, acc[r][j]);
+    }
+  }
+  alignas(32) float tmp[8];
+  for (int r = 0; r < ROWS; ++r)
+    for (int j = 0; j < S; ++j) {
+      const int slot = P0 + j, s = slot / NV, v = slot % NV;
+      _mm256_store_ps(tmp, acc[r][j]);
+      for (int l = 0; l < 8; ++l) a.out[r * a.out_row + (8 * v + l) * PER + s] = tmp[l];
+    }
+  if constexpr (P0 + S < P) block_dot_pass<BITS, CH, ROWS, P0 + S>(a);
+}
+
+template <int BITS, int CH, int ROWS>
+inline void block_dot(const BlockArgs& a) {
+  if constexpr ((CH / (8 / BITS)) % 8 == 0)
+    block_dot_pass<BITS, CH, ROWS, 0>(a);
+  else
+    block_dot_scalar<BITS, CH, ROWS>(a);
+}
+#else
+template <int BITS, int CH, int ROWS>
+inline void block_dot(const BlockArgs& a) {
+  block_dot_scalar<BITS, CH, ROWS>(a);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------------
+// KIVI key scores: one (batch, head), groups [n0, n1), ROWS query rows.
+//   query (ROWS, D) with row stride q_row; codes (N, D, G / PER) contiguous; scale/zero (N, D)
+//   contiguous; out (ROWS, N * G) with row stride out_row.
+template <int BITS, int CH, int ROWS>
+void key_scores_rows(const float* query, int64_t q_row, const uint8_t* codes, const void* scale,
+                     const void* zero, int scale_type, float* out, int64_t out_row, int64_t n0, int64_t n1,
+                     int D, int G) {
+  constexpr int PER = 8 / BITS, NB = CH / PER;
+  const int group_bytes = G / PER;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int c = 0; c < G / CH; ++c) {
+      const BlockArgs a{D, codes + n * (int64_t)D * group_bytes + c * NB, group_bytes, scale, zero, n * D, 1,
+                        scale_type, query, 1, q_row, out + n * G + c * CH, out_row};
+      block_dot<BITS, CH, ROWS>(a);
+    }
+}
+
+template <int BITS, int CH>
+void key_scores_item(const float* query, int64_t q_row, int M, const uint8_t* codes, const void* scale,
+                     const void* zero, int scale_type, float* out, int64_t out_row, int64_t n0, int64_t n1,
+                     int D, int G) {
+  int m = 0;
+  for (; m + 3 <= M; m += 3)  // 3 rows: 12 (CH = 32) accumulator registers, the GQA 3 decode case in one pass
+    key_scores_rows<BITS, CH, 3>(query + m * q_row, q_row, codes, scale, zero, scale_type, out + m * out_row,
+                                 out_row, n0, n1, D, G);
+  if (M - m == 2)
+    key_scores_rows<BITS, CH, 2>(query + m * q_row, q_row, codes, scale, zero, scale_type, out + m * out_row,
+                                 out_row, n0, n1, D, G);
+  else if (M - m == 1)
+    key_scores_rows<BITS, CH, 1>(query + m * q_row, q_row, codes, scale, zero, scale_type, out + m * out_row,
+                                 out_row, n0, n1, D, G);
+}
+
+using KeyItemFn = void (*)(const float*, int64_t, int, const uint8_t*, const void*, const void*, int, float*,
+                           int64_t, int64_t, int64_t, int, int);
+
+template <int BITS>
+KeyItemFn pick_key_fn(int ch) {
+  switch (ch) {
+    case 32: return key_scores_item<BITS, 32>;
+    case 16: return key_scores_item<BITS, 16>;
+    default: return key_scores_item<BITS, 8>;
+  }
+}
+
+KeyItemFn key_fn(int bits, int ch) {
+  switch (bits) {
+    case 2: return pick_key_fn<2>(ch);
+    case 4: return pick_key_fn<4>(ch);
+    default: return pick_key_fn<8>(ch);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Value weighted sum: one (batch, head), channel block c (CH channels), tokens [t0, t1), ROWS rows.
+//   weights (ROWS, T) with row stride w_row; codes (T, D / PER) with token stride codes_t; scale/zero
+//   (T, D / G) with token stride scale_t; out (ROWS, D) with row stride out_row (written, not added).
+template <int BITS, int CH, int ROWS>
+void value_rows(const float* weights, int64_t w_row, const uint8_t* codes, int64_t codes_t, const void* scale,
+                const void* zero, int64_t scale_t, int scale_type, float* out, int64_t out_row, int64_t t0,
+                int64_t t1, int c, int G) {
+  constexpr int PER = 8 / BITS, NB = CH / PER;
+  const int g = c * CH / G;
+  const BlockArgs a{t1 - t0, codes + t0 * codes_t + c * NB, codes_t, scale, zero, t0 * scale_t + g, scale_t,
+                    scale_type, weights + t0, 1, w_row, out + c * CH, out_row};
+  block_dot<BITS, CH, ROWS>(a);
+}
+
+template <int BITS, int CH>
+void value_item(const float* weights, int64_t w_row, int M, const uint8_t* codes, int64_t codes_t,
+                const void* scale, const void* zero, int64_t scale_t, int scale_type, float* out,
+                int64_t out_row, int64_t t0, int64_t t1, int c, int G) {
+  int m = 0;
+  for (; m + 3 <= M; m += 3)
+    value_rows<BITS, CH, 3>(weights + m * w_row, w_row, codes, codes_t, scale, zero, scale_t, scale_type,
+                            out + m * out_row, out_row, t0, t1, c, G);
+  if (M - m == 2)
+    value_rows<BITS, CH, 2>(weights + m * w_row, w_row, codes, codes_t, scale, zero, scale_t, scale_type,
+                            out + m * out_row, out_row, t0, t1, c, G);
+  else if (M - m == 1)
+    value_rows<BITS, CH, 1>(weights + m * w_row, w_row, codes, codes_t, scale, zero, scale_t, scale_type,
+                            out + m * out_row, out_row, t0, t1, c, G);
+}
+
+using ValueItemFn = void (*)(const float*, int64_t, int, const uint8_t*, int64_t, const void*, const void*,
+                             int64_t, int, float*, int64_t, int64_t, int64_t, int, int);
+
+template <int BITS>
+ValueItemFn pick_value_fn(int ch) {
+  switch (ch) {
+    case 32: return value_item<BITS, 32>;
+    case 16: return value_item<BITS, 16>;
+    default: return value_item<BITS, 8>;
+  }
+}
+
+ValueItemFn value_fn(int bits, int ch) {
+  switch (bits) {
+    case 2: return pick_value_fn<2>(ch);
+    case 4: return pick_value_fn<4>(ch);
+    default: return pick_value_fn<8>(ch);
+  }
+}
+
+inline int block_channels(int G) { return G % 32 == 0 ? 32 : (G % 16 == 0 ? 16 : 8); }
+
+// ---------------------------------------------------------------------------------------------------
+// QJL: <x, sign> for ROWS vectors x (row stride xs) against one key's packed sign bits (bit p of the
+// sketch in bit p % 8 of byte p / 8, 1 = positive). sum_p x_p s_p, s_p = +-1, is a sum of x with the
+// sign bit flipped where the key's bit is 0: no multiplies, and the bits are expanded once for all rows.
+template <int ROWS>
+inline void sign_dots(const float* x, int64_t xs, int nbits, const uint8_t* bytes, float* dots) {
+#if defined(__AVX2__)
+  const __m256i shifts[4] = {
+      _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24), _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
+      _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8), _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)};
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  __m256 acc[ROWS][2];
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int p = 0;
+  for (; p + 32 <= nbits; p += 32) {  // one 32-bit word: 4 vectors of 8 coordinates
+    uint32_t word;
+    std::memcpy(&word, bytes + p / 8, 4);
+    const __m256i w = _mm256_set1_epi32((int)word);
+    for (int v = 0; v < 4; ++v) {
+      // lane l of vector v: bit 8 v + l moved to the sign position; flip x where that bit is 0
+      const __m256 flip = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_sllv_epi32(w, shifts[v])), sign_bit);
+      for (int r = 0; r < ROWS; ++r)
+        acc[r][v & 1] = _mm256_add_ps(acc[r][v & 1], _mm256_xor_ps(_mm256_loadu_ps(x + r * xs + p + 8 * v), flip));
+    }
+  }
+  for (; p < nbits; p += 8) {  // remaining whole bytes
+    const __m256i w = _mm256_set1_epi32((int)bytes[p / 8]);
+    const __m256 flip = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_sllv_epi32(w, shifts[0])), sign_bit);
+    for (int r = 0; r < ROWS; ++r)
+      acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_xor_ps(_mm256_loadu_ps(x + r * xs + p), flip));
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    const __m256 sum = _mm256_add_ps(acc[r][0], acc[r][1]);
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_movehdup_ps(half));
+    dots[r] = _mm_cvtss_f32(half);
+  }
+#else
+  for (int r = 0; r < ROWS; ++r) {
+    float sum = 0.f;
+    for (int p = 0; p < nbits; ++p) sum += (bytes[p / 8] >> (p % 8)) & 1 ? x[r * xs + p] : -x[r * xs + p];
+    dots[r] = sum;
+  }
+#endif
+}
+
+// QJL scores for one (batch, head), groups [n0, n1), ROWS query rows. sketched: S q (ROWS, m) with row
+// stride sq_row; sketch_t (D, m) float32, the columns of S; outlier_idx (N, k); signs (N, G, m / 8); norms (N, G); outlier_signs (N, G, m_o / 8);
+// outlier_norms (N, G); out (ROWS, N * G) with row stride out_row.
+template <int ROWS>
+void qjl_rows(const float* query, int64_t q_row, const float* sketched, int64_t sq_row, const float* sketch_t,
+              int m, int m_o, int k, const uint8_t* outlier_idx, const uint8_t* signs, const void* norms,
+              const uint8_t* outlier_signs, const void* outlier_norms, int norm_type, float* out, int64_t out_row,
+              int64_t n0, int64_t n1, int G) {
+  std::vector<float> buf((size_t)3 * ROWS * m);
+  float* sq = buf.data();                 // (ROWS, m): S q
+  float* sq_out = sq + (size_t)ROWS * m;  // (ROWS, m): S q_out, the outlier channels' part
+  float* sq_in = sq_out + (size_t)ROWS * m;
+  std::vector<const float*> columns(k);    // S[:, c] for the group's outlier channels c
+  std::vector<float> q_out((size_t)ROWS * k);  // (ROWS, k): the query at those channels
+  for (int r = 0; r < ROWS; ++r)
+    for (int p = 0; p < m; ++p) sq[r * m + p] = sketched[r * sq_row + p];
+  const float sqrt_half_pi = 1.2533141373155003f;
+  const float c_in = sqrt_half_pi / m;
+  const float c_out = m_o ? sqrt_half_pi / m_o : 0.f;
+  const int bytes_in = m / 8, bytes_out = m_o / 8;
+  float dots[ROWS];
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* x_in = sq;
+    if (k) {
+      // S q_out = sum over outlier channels c of q_c S[:, c]; S q_in = S q - S q_out
+      for (int i = 0; i < k; ++i) {
+        const int ch = outlier_idx[n * k + i];
+        columns[i] = sketch_t + (int64_t)ch * m;
+        for (int r = 0; r < ROWS; ++r) q_out[r * k + i] = query[r * q_row + ch];
+      }
+      for (int r = 0; r < ROWS; ++r) {
+        const float* qo = q_out.data() + r * k;
+        int p = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        for (; p + 32 <= m; p += 32) {  // 4 independent FMA chains hide the FMA latency
+          __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+          for (int i = 0; i < k; ++i) {
+            const __m256 qi = _mm256_set1_ps(qo[i]);
+            for (int v = 0; v < 4; ++v) acc[v] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(columns[i] + p + 8 * v), acc[v]);
+          }
+          for (int v = 0; v < 4; ++v) {
+            _mm256_storeu_ps(sq_out + r * m + p + 8 * v, acc[v]);
+            _mm256_storeu_ps(sq_in + r * m + p + 8 * v, _mm256_sub_ps(_mm256_loadu_ps(sq + r * m + p + 8 * v), acc[v]));
+          }
+        }
+#endif
+        for (; p < m; ++p) {
+          float acc = 0.f;
+          for (int i = 0; i < k; ++i) acc += qo[i] * columns[i][p];
+          sq_out[r * m + p] = acc;
+          sq_in[r * m + p] = sq[r * m + p] - acc;
+        }
+      }
+      x_in = sq_in;
+    }
+    for (int g = 0; g < G; ++g) {
+      const int64_t t = n * G + g;
+      sign_dots<ROWS>(x_in, m, m, signs + t * bytes_in, dots);
+      const float scale_in = c_in * load_scale(norms, t, norm_type);
+      for (int r = 0; r < ROWS; ++r) out[r * out_row + t] = scale_in * dots[r];
+      if (k && m_o) {
+        sign_dots<ROWS>(sq_out, m, m_o, outlier_signs + t * bytes_out, dots);
+        const float scale_out = c_out * load_scale(outlier_norms, t, norm_type);
+        for (int r = 0; r < ROWS; ++r) out[r * out_row + t] += scale_out * dots[r];
+      }
+    }
+  }
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// Quantize and pack, bit for bit as kvpack.primitives.quantize_affine + pack_bits: for a group x of n
+// values (float32 arithmetic), zero = stored(min x), scale = stored((max x - min x) / (2^bits - 1)),
+// code = clamp(round_half_even((x - zero) / scale), 0, 2^bits - 1), 0 where scale == 0.
+// Returns false if the stored scale or zero is not finite or x holds a NaN (the caller then runs the
+// reference, which raises).
+inline bool quantize_group(const float* x, int n, int64_t x_step, int bits, void* scale, void* zero, int64_t sz_i,
+                           int scale_type, uint8_t* codes) {
+  float lo = x[0], hi = x[0];
+  bool nan = false;
+  for (int j = 0; j < n; ++j) {
+    const float v = x[j * x_step];
+    nan |= v != v;
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+  }
+  if (nan) return false;  // the reference's NaN scale: let it raise
+  const float maxcode = (float)((1 << bits) - 1);
+  const float z = store_scale(zero, sz_i, lo, scale_type);
+  const float s = store_scale(scale, sz_i, (hi - lo) / maxcode, scale_type);
+  if (!std::isfinite(z) || !std::isfinite(s)) return false;
+  if (s > 0.f) {
+    for (int j = 0; j < n; ++j) {
+      float c = std::nearbyint((x[j * x_step] - z) / s);
+      c = c < 0.f ? 0.f : (c > maxcode ? maxcode : c);
+      codes[j] = (uint8_t)c;
+    }
+  } else {
+    std::memset(codes, 0, n);
+  }
+  return true;
+}
+
+inline void pack_codes(const uint8_t* codes, int n, int bits, uint8_t* out) {
+  const int per = 8 / bits;
+  for (int w = 0; w < (n + per - 1) / per; ++w) {
+    uint8_t byte = 0;
+    for (int j = 0; j < per && w * per + j < n; ++j) byte |= (uint8_t)(codes[w * per + j] << (j * bits));
+    out[w] = byte;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int kvpack_abi_version() { return 4; }
+
+// q (B, H, M, D) float32 with strides q_s[4] (q_s[3] == 1); codes (B, H, N, D, G * bits / 8) uint8 with
+// batch/head strides codes_s[2] and the rest contiguous; scale/zero (B, H, N, D) with batch/head strides
+// scale_s[2], rest contiguous; out (B, H, M, N * G) float32 contiguous. G % 8 == 0.
+void kvpack_kivi_key_scores(const float* q, const int64_t* q_s, const uint8_t* codes, const int64_t* codes_s,
+                            const void* scale, const void* zero, const int64_t* scale_s, int scale_type,
+                            float* out, int64_t B, int64_t H, int M, int64_t N, int D, int G, int bits,
+                            int threads) {
+  const int ch = block_channels(G);
+  const KeyItemFn fn = key_fn(bits, ch);
+  const int esize = scale_type == kF32 ? 4 : 2;
+  // Work items: (batch, head, block of groups); blocks of ~512 tokens keep the two cores balanced at B = 1.
+  const int64_t per_block = std::max<int64_t>(1, 512 / G);
+  const int64_t blocks = (N + per_block - 1) / per_block;
+  const int64_t items = B * H * blocks;
+  const int64_t out_row = N * G;
+  const double work = (double)B * H * M * N * G * D;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && work > 2e5)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t bh = it / blocks, blk = it % blocks;
+    const int64_t b = bh / H, h = bh % H;
+    const int64_t n0 = blk * per_block, n1 = std::min(N, n0 + per_block);
+    const char* sc = static_cast<const char*>(scale) + (b * scale_s[0] + h * scale_s[1]) * esize;
+    const char* ze = static_cast<const char*>(zero) + (b * scale_s[0] + h * scale_s[1]) * esize;
+    fn(q + b * q_s[0] + h * q_s[1], q_s[2], M, codes + b * codes_s[0] + h * codes_s[1], sc, ze, scale_type,
+       out + (b * H + h) * M * out_row, out_row, n0, n1, D, G);
+  }
+}
+
+// w (B, H, M, T) float32 with strides w_s[4] (w_s[3] == 1); codes (B, H, T, D * bits / 8) uint8 with
+// strides codes_s[3] (last contiguous); scale/zero (B, H, T, D / G) with strides scale_s[3] (last
+// contiguous); out (B, H, M, D) float32 contiguous. G % 8 == 0.
+void kvpack_value_weighted_sum(const float* w, const int64_t* w_s, const uint8_t* codes, const int64_t* codes_s,
+                               const void* scale, const void* zero, const int64_t* scale_s, int scale_type,
+                               float* out, int64_t B, int64_t H, int M, int64_t T, int D, int G, int bits,
+                               int threads) {
+  const int ch = block_channels(G);
+  const ValueItemFn fn = value_fn(bits, ch);
+  const int esize = scale_type == kF32 ? 4 : 2;
+  const int chunks = D / ch;
+  const double work = (double)B * H * M * T * D;
+  // Split tokens into segments when (batch, head, channel block) alone cannot keep the threads busy;
+  // segments write partial sums that are added afterwards.
+  int64_t segments = 1;
+  const int64_t base_items = B * H * chunks;
+  if (threads > 1 && base_items < 4 * threads) segments = std::min<int64_t>((4 * threads + base_items - 1) / base_items, std::max<int64_t>(1, T / 256));
+  const int64_t seg_len = (T + segments - 1) / segments;
+  std::vector<float> partial;
+  if (segments > 1) partial.assign((size_t)(segments * B * H * M * D), 0.f);
+  const int64_t items = base_items * segments;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && work > 2e5)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t seg = it / base_items, rest = it % base_items;
+    const int64_t bh = rest / chunks;
+    const int c = (int)(rest % chunks);
+    const int64_t b = bh / H, h = bh % H;
+    const int64_t t0 = seg * seg_len, t1 = std::min(T, t0 + seg_len);
+    float* dst = segments > 1 ? partial.data() + ((seg * B + b) * H + h) * M * D : out + (b * H + h) * M * D;
+    if (t0 >= t1) {
+      for (int m = 0; m < M; ++m)
+        for (int i = 0; i < ch; ++i) dst[m * D + c * ch + i] = 0.f;
+      continue;
+    }
+    const char* sc = static_cast<const char*>(scale) + (b * scale_s[0] + h * scale_s[1]) * esize;
+    const char* ze = static_cast<const char*>(zero) + (b * scale_s[0] + h * scale_s[1]) * esize;
+    fn(w + b * w_s[0] + h * w_s[1], w_s[2], M, codes + b * codes_s[0] + h * codes_s[1], codes_s[2], sc, ze,
+       scale_s[2], scale_type, dst, D, t0, t1, c, G);
+  }
+  if (segments > 1) {
+    const int64_t size = B * H * M * D;
+    for (int64_t i = 0; i < size; ++i) {
+      float sum = 0.f;
+      for (int64_t s = 0; s < segments; ++s) sum += partial[s * size + i];
+      out[i] = sum;
+    }
+  }
+}
+
+// q (B, H, M, D) float32 with strides q_s[4] (q_s[3] == 1); sq = S q (B, H, M, m) float32 contiguous;
+// sketch_t (D, m) contiguous;
+// outlier_idx (B, H, N, k) uint8, signs (B, H, N, G, m / 8), norms (B, H, N, G), outlier_signs
+// (B, H, N, G, m_o / 8), outlier_norms (B, H, N, G): batch/head strides in idx_s, signs_s, norms_s,
+// osigns_s, onorms_s (2 each), the rest contiguous; out (B, H, M, N * G) float32 contiguous.
+void kvpack_qjl_key_scores(const float* q, const int64_t* q_s, const float* sq, const float* sketch_t,
+                           const uint8_t* outlier_idx, const int64_t* idx_s, const uint8_t* signs,
+                           const int64_t* signs_s, const void* norms, const int64_t* norms_s,
+                           const uint8_t* outlier_signs, const int64_t* osigns_s, const void* outlier_norms,
+                           const int64_t* onorms_s, int norm_type, float* out, int64_t B, int64_t H, int M,
+                           int64_t N, int D, int G, int m, int m_o, int k, int threads) {
+  const int esize = norm_type == kF32 ? 4 : 2;
+  const int64_t per_block = std::max<int64_t>(1, 512 / G);
+  const int64_t blocks = (N + per_block - 1) / per_block;
+  const int64_t items = B * H * blocks;
+  const int64_t out_row = N * G;
+  const double work = (double)B * H * M * N * G * (m + m_o) / 8;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && work > 2e5)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t bh = it / blocks, blk = it % blocks;
+    const int64_t b = bh / H, h = bh % H;
+    const int64_t n0 = blk * per_block, n1 = std::min(N, n0 + per_block);
+    const float* qb = q + b * q_s[0] + h * q_s[1];
+    const float* sqb = sq + (b * H + h) * M * m;
+    const uint8_t* ib = outlier_idx ? outlier_idx + b * idx_s[0] + h * idx_s[1] : nullptr;
+    const uint8_t* sb = signs + b * signs_s[0] + h * signs_s[1];
+    const void* nb = static_cast<const char*>(norms) + (b * norms_s[0] + h * norms_s[1]) * esize;
+    const uint8_t* ob = outlier_signs ? outlier_signs + b * osigns_s[0] + h * osigns_s[1] : nullptr;
+    const void* onb =
+        outlier_norms ? static_cast<const char*>(outlier_norms) + (b * onorms_s[0] + h * onorms_s[1]) * esize : nullptr;
+    float* ob_out = out + (b * H + h) * M * out_row;
+    int r = 0;
+    for (; r + 4 <= M; r += 4)
+      qjl_rows<4>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
+                  ob_out + r * out_row, out_row, n0, n1, G);
+    switch (M - r) {
+      case 3: qjl_rows<3>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
+                          ob_out + r * out_row, out_row, n0, n1, G); break;
+      case 2: qjl_rows<2>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
+                          ob_out + r * out_row, out_row, n0, n1, G); break;
+      case 1: qjl_rows<1>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
+                          ob_out + r * out_row, out_row, n0, n1, G); break;
+      default: break;
+    }
+  }
+}
+
+// Values: x (B, H, T, D) of x_type with strides x_s[4] (x_s[3] == 1) -> codes (B, H, T, ceil(D * bits / 8))
+// uint8, scale/zero (B, H, T, D / G) of scale_type, all contiguous. Groups of G consecutive channels.
+// Returns 0, or 1 when a scale or zero overflows the scale type.
+int kvpack_quantize_tokens(const void* x, int x_type, const int64_t* x_s, int64_t B, int64_t H, int64_t T, int D,
+                           int G, int bits, uint8_t* codes, void* scale, void* zero, int scale_type, int threads) {
+  const int64_t rows = B * H * T;
+  const int row_bytes = (D * bits + 7) / 8, groups = D / G;
+  int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : bad) if (threads > 1 && rows * D > 1 << 16)
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t b = row / (H * T), h = (row / T) % H, t = row % T;
+    const int64_t base = b * x_s[0] + h * x_s[1] + t * x_s[2];
+    std::vector<float> buf(D);
+    std::vector<uint8_t> row_codes(D);
+    for (int d = 0; d < D; ++d) buf[d] = load_scale(x, base + d, x_type);
+    for (int g = 0; g < groups; ++g)
+      bad |= !quantize_group(buf.data() + g * G, G, 1, bits, scale, zero, row * groups + g, scale_type,
+                             row_codes.data() + g * G);
+    pack_codes(row_codes.data(), D, bits, codes + row * row_bytes);
+  }
+  return bad;
+}
+
+// Keys: x (B, H, N * G, D) of x_type with strides x_s[4] (x_s[3] == 1) -> codes (B, H, N, D, ceil(G * bits /
+// 8)) uint8, scale/zero (B, H, N, D) of scale_type, all contiguous. Each channel's G tokens form a group.
+int kvpack_quantize_key_groups(const void* x, int x_type, const int64_t* x_s, int64_t B, int64_t H, int64_t N,
+                               int D, int G, int bits, uint8_t* codes, void* scale, void* zero, int scale_type,
+                               int threads) {
+  const int64_t items = B * H * N;
+  const int group_bytes = (G * bits + 7) / 8;
+  int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : bad) if (threads > 1 && items * G * D > 1 << 16)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t b = item / (H * N), h = (item / N) % H, n = item % N;
+    std::vector<float> tile((size_t)D * G);  // (D, G): the group transposed, a channel's tokens contiguous
+    std::vector<uint8_t> channel_codes(G);
+    for (int j = 0; j < G; ++j) {
+      const int64_t base = b * x_s[0] + h * x_s[1] + (n * G + j) * x_s[2];
+      for (int d = 0; d < D; ++d) tile[(size_t)d * G + j] = load_scale(x, base + d, x_type);
+    }
+    for (int d = 0; d < D; ++d) {
+      bad |= !quantize_group(tile.data() + (size_t)d * G, G, 1, bits, scale, zero, item * D + d, scale_type,
+                             channel_codes.data());
+      pack_codes(channel_codes.data(), G, bits, codes + (item * D + d) * group_bytes);
+    }
+  }
+  return bad;
+}
+
+// Sign bits: x (rows, m) float32 with row stride x_row (unit stride inside a row) -> out (rows, ceil(m / 8))
+// uint8 contiguous, bit p % 8 of byte p / 8 set iff x[p] > 0 (as pack_bits((x > 0).to(uint8), 1)).
+void kvpack_pack_signs(const float* x, int64_t x_row, int64_t rows, int m, uint8_t* out, int threads) {
+  const int bytes = (m + 7) / 8;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows * m > 1 << 18)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * x_row;
+    uint8_t* dst = out + r * bytes;
+    int p = 0;
+#if defined(__AVX2__)
+    for (; p + 8 <= m; p += 8)  // movemask: lane l's sign bit -> bit l; x > 0 is the compare's mask
+      dst[p / 8] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + p), _mm256_setzero_ps(), _CMP_GT_OQ));
+#endif
+    for (; p < m; p += 8) {
+      uint8_t byte = 0;
+      for (int j = 0; j < 8 && p + j < m; ++j) byte |= (uint8_t)((row[p + j] > 0.f) << j);
+      dst[p / 8] = byte;
+    }
+  }
+}
+
+}  // extern "C"

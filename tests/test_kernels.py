@@ -1,0 +1,429 @@
+"""Fast kernels against the pure-torch reference, and the dispatch point's backend rules.
+
+Fused matmul kernels must be within 2x the reference's own error (both measured against a float64
+computation of the same dequantized math) plus a small atol; quantize/pack kernels must match bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from kvpack import KIVIConfig, QJLConfig, kernels, make_layer
+from kvpack.kernels import cpu, reference
+from kvpack.primitives import dequantize_affine, pack_bits, quantize_affine, unpack_bits
+
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_library():
+    if cpu._compiler() is None:
+        pytest.skip("no C++ compiler: the fast kernels cannot be built here")
+    cpu.load()  # a build failure fails the tests
+
+
+def assert_close_to_exact(fast, ref, exact):
+    """|fast - exact| <= 2 |ref - exact| (worst case over the tensor) + ATOL."""
+    assert fast.shape == ref.shape == exact.shape
+    assert fast.dtype == torch.float32
+    ref_err = (ref.double() - exact).abs().max().item()
+    fast_err = (fast.double() - exact).abs().max().item()
+    assert fast_err <= 2 * ref_err + ATOL, f"fast error {fast_err:.3g} vs reference error {ref_err:.3g}"
+
+
+def strided(x: torch.Tensor, extra: int = 3) -> torch.Tensor:
+    """``x`` as a view into a longer buffer along axis 2, the way GrowBuffer hands out its tensors."""
+    buf = torch.zeros(x.shape[:2] + (x.shape[2] + extra,) + x.shape[3:], dtype=x.dtype)
+    buf[:, :, 1 : 1 + x.shape[2]] = x
+    return buf[:, :, 1 : 1 + x.shape[2]]
+
+
+def key_groups(batch, heads, n_groups, dim, group, bits, scale_dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(batch, heads, n_groups, dim, group, generator=gen)
+    keys[..., :2, :] *= 8  # outlier channels, as in real keys
+    codes, scale, zero = quantize_affine(keys, bits, group, -1, scale_dtype)
+    return pack_bits(codes, bits, -1), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def token_values(batch, heads, tokens, dim, group, bits, scale_dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(batch, heads, tokens, dim, generator=gen)
+    codes, scale, zero = quantize_affine(values, bits, group, -1, scale_dtype)
+    return pack_bits(codes, bits, -1), scale, zero
+
+
+# (batch, kv heads, groups or tokens, head_dim, group size), easy to hard; tokens are odd on purpose.
+SHAPES = [
+    (1, 1, 1, 64, 32),
+    (2, 3, 5, 64, 32),
+    (1, 2, 7, 128, 64),
+    (2, 1, 3, 64, 16),
+    (1, 2, 4, 64, 8),
+    (1, 3, 40, 128, 128),
+]
+ROWS = (1, 3, 4, 8, 13)  # GQA ratio x query tokens: 1, 3, 4, 8 at decode; 13 = prefill-like remainder
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES, ids=str)
+def test_kivi_key_scores_matches_reference(bits, shape, scale_dtype):
+    batch, heads, n_groups, dim, group = shape
+    codes, scale, zero = key_groups(batch, heads, n_groups, dim, group, bits, scale_dtype)
+    codes, scale, zero = strided(codes), strided(scale), strided(zero)
+    keys = unpack_bits(codes, bits, group).double() * scale.double().unsqueeze(-1) + zero.double().unsqueeze(-1)
+    for rows in ROWS:
+        query = torch.randn(batch, heads, rows, dim)
+        exact = torch.einsum("bhmd,bhndg->bhmng", query.double(), keys).flatten(3)
+        ref = reference.kivi_key_scores(query, codes, scale, zero, bits)
+        fast = cpu.kivi_key_scores(query, codes, scale, zero, bits)
+        assert_close_to_exact(fast, ref, exact)
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES, ids=str)
+def test_value_weighted_sum_matches_reference(bits, shape, scale_dtype):
+    batch, heads, n_groups, dim, group = shape
+    tokens = n_groups * 7 + 2  # odd
+    codes, scale, zero = token_values(batch, heads, tokens, dim, group, bits, scale_dtype)
+    codes, scale, zero = strided(codes), strided(scale), strided(zero)
+    values = dequantize_affine(unpack_bits(codes, bits, dim), scale.double(), zero.double(), group, -1, torch.float64)
+    for rows in ROWS:
+        # attention weights over a longer cache, sliced to the quantized part (a strided view, as in base.py)
+        weights = torch.softmax(torch.randn(batch, heads, rows, tokens + 5), dim=-1)[..., :tokens]
+        exact = weights.double() @ values
+        ref = reference.value_weighted_sum(weights, codes, scale, zero, bits, group)
+        fast = cpu.value_weighted_sum(weights, codes, scale, zero, bits, group)
+        assert_close_to_exact(fast, ref, exact)
+
+
+@pytest.mark.parametrize("bits", (2, 4))
+def test_parallel_paths_match_reference(bits):
+    """Shapes large enough to split work across threads (key blocks; value token segments + reduction)."""
+    codes, scale, zero = key_groups(1, 2, 70, 64, 32, bits, torch.float16)
+    query = torch.randn(1, 2, 3, 64)
+    keys = unpack_bits(codes, bits, 32).double() * scale.double().unsqueeze(-1) + zero.double().unsqueeze(-1)
+    exact = torch.einsum("bhmd,bhndg->bhmng", query.double(), keys).flatten(3)
+    assert_close_to_exact(
+        cpu.kivi_key_scores(query, codes, scale, zero, bits), reference.kivi_key_scores(query, codes, scale, zero, bits), exact
+    )
+    codes, scale, zero = token_values(1, 1, 3001, 64, 32, bits, torch.float16)
+    weights = torch.softmax(torch.randn(1, 1, 3, 3001) * 3, dim=-1)
+    values = dequantize_affine(unpack_bits(codes, bits, 64), scale.double(), zero.double(), 32, -1, torch.float64)
+    assert_close_to_exact(
+        cpu.value_weighted_sum(weights, codes, scale, zero, bits, 32),
+        reference.value_weighted_sum(weights, codes, scale, zero, bits, 32),
+        weights.double() @ values,
+    )
+
+
+def test_empty_inputs():
+    codes, scale, zero = key_groups(1, 2, 1, 64, 32, 2, torch.float16)
+    empty = cpu.kivi_key_scores(torch.randn(1, 2, 3, 64), codes[:, :, :0], scale[:, :, :0], zero[:, :, :0], 2)
+    assert empty.shape == (1, 2, 3, 0)
+    codes, scale, zero = token_values(1, 2, 4, 64, 32, 2, torch.float16)
+    out = cpu.value_weighted_sum(torch.ones(1, 2, 3, 0), codes[:, :, :0], scale[:, :, :0], zero[:, :, :0], 2, 32)
+    assert torch.equal(out, torch.zeros(1, 2, 3, 64))
+
+
+QJL_CONFIGS = [
+    QJLConfig(),
+    QJLConfig(outlier_channels=0),
+    QJLConfig(sketch_dim=72, outlier_sketch_dim=40, outlier_channels=3, scale_dtype="bfloat16"),
+    QJLConfig(sketch_dim=128, outlier_sketch_dim=128, scale_dtype="float32", group_size=16, residual_length=32),
+]
+
+
+def qjl_exact(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms):
+    """The QJL estimator of kernels.reference.qjl_key_scores, in float64."""
+    q, s = query.double(), sketch.double()
+    n_groups, group, m = signs.shape[2], signs.shape[3], sketch.shape[0]
+    m_o, dim = outlier_signs.shape[-1] * 8, query.shape[-1]
+    is_out = torch.zeros(outlier_idx.shape[:3] + (dim,), dtype=torch.float64)
+    is_out.scatter_(-1, outlier_idx.long(), 1.0)  # (B, H, N, D)
+    q_out = q.unsqueeze(3) * is_out.unsqueeze(2)  # (B, H, M, N, D)
+    sq_out = q_out @ s.T  # (B, H, M, N, m)
+    sq_in = (q @ s.T).unsqueeze(3) - sq_out
+    sign = unpack_bits(signs, 1, m).double() * 2 - 1  # (B, H, N, G, m)
+    scores = torch.einsum("bhmnp,bhngp->bhmng", sq_in, sign) * (torch.pi / 2) ** 0.5 / m * norms.double().unsqueeze(2)
+    if outlier_idx.shape[-1] and m_o:
+        sign_o = unpack_bits(outlier_signs, 1, m_o).double() * 2 - 1
+        dot = torch.einsum("bhmnp,bhngp->bhmng", sq_out[..., :m_o], sign_o)
+        scores = scores + dot * (torch.pi / 2) ** 0.5 / m_o * outlier_norms.double().unsqueeze(2)
+    return scores.flatten(3)
+
+
+@pytest.mark.parametrize("config", QJL_CONFIGS, ids=("default", "no-outliers", "m72-bf16", "m128-g16-f32"))
+@pytest.mark.parametrize("dim", (64, 128))
+def test_qjl_key_scores_matches_reference(config, dim):
+    from kvpack.methods.qjl import QJLKeyStore
+
+    store = QJLKeyStore(config, layer_idx=1)
+    store.build(dim)
+    keys = torch.randn(2, 3, 5 * config.group_size, dim)
+    keys[..., :3] *= 6  # outlier channels
+    groups = store.quantize_groups(keys)
+    groups = {name: strided(t) for name, t in groups.items()}
+    for rows in ROWS:
+        query = torch.randn(2, 3, rows, dim)
+        args = (query, store.sketch, groups["outlier_idx"], groups["signs"], groups["norms"],
+                groups["outlier_signs"], store._outlier_norms(groups))  # fmt: skip
+        assert_close_to_exact(cpu.qjl_key_scores(*args), reference.qjl_key_scores(*args), qjl_exact(*args))
+
+
+# --- quantize and pack (flush): bit for bit ------------------------------------------------------------
+def assert_identical(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        if g.dtype != torch.uint8:
+            g, w = g.view(torch.uint8), w.view(torch.uint8)  # compare the stored bits
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", SCALE_DTYPES, ids=str)
+@pytest.mark.parametrize("scale_dtype", (None, *SCALE_DTYPES), ids=str)
+@pytest.mark.parametrize("bits", (1, 2, 4, 8))
+def test_quantize_pack_is_bit_exact(dtype, scale_dtype, bits):
+    gen = torch.Generator().manual_seed(bits)
+    for group in (8, 32, 64):
+        x = torch.randn(2, 3, 3 * group + 1, 64, generator=gen) * torch.rand(64, generator=gen) * 4
+        x = x + torch.randn(64, generator=gen)  # channel offsets
+        x[0, 0, 5] = 1.5  # a constant token (zero scale)
+        x[0, 1, 1 : 1 + group, 7] = -0.25  # a constant key group channel
+        x = x.to(dtype)[:, :, 1:]  # a strided view, as the residual hands it over
+        assert_identical(cpu.quantize_pack_tokens(x, bits, group, scale_dtype),
+                         reference.quantize_pack_tokens(x, bits, group, scale_dtype))  # fmt: skip
+        assert_identical(cpu.quantize_pack_key_groups(x, bits, group, scale_dtype),
+                         reference.quantize_pack_key_groups(x, bits, group, scale_dtype))  # fmt: skip
+
+
+def test_quantize_pack_raises_as_the_reference():
+    big = torch.full((1, 1, 32, 64), 1e5)
+    big[..., 0, :] = -1e5  # range 2e5: the scale overflows float16
+    for fn in (cpu.quantize_pack_tokens, cpu.quantize_pack_key_groups):
+        with pytest.raises(ValueError, match="overflows"):
+            fn(big.transpose(2, 3).contiguous() if fn is cpu.quantize_pack_tokens else big, 2, 32, torch.float16)
+    nan = torch.randn(1, 1, 32, 64)
+    nan[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError):
+        cpu.quantize_pack_tokens(nan, 2, 32, torch.float16)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        cpu.quantize_pack_key_groups(torch.randn(1, 1, 33, 64), 2, 32)
+
+
+@pytest.mark.parametrize("m", (8, 64, 72, 256, 13))
+def test_pack_signs_is_bit_exact(m):
+    x = torch.randn(2, 3, 5, 7, m)
+    x[0, 0, 0, 0, :4] = torch.tensor([0.0, -0.0, float("nan"), 1e-30])[: min(4, m)]
+    assert torch.equal(cpu.pack_signs(x), reference.pack_signs(x))
+    view = x[:, :, 1:]  # not contiguous
+    assert torch.equal(cpu.pack_signs(view), reference.pack_signs(view))
+
+
+def test_kivi_layer_state_is_identical_with_fast_flush():
+    gen = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 3, 200, 64, generator=gen), torch.randn(2, 3, 200, 64, generator=gen)
+    states = {}
+    for backend in ("reference", "fast"):
+        with kernels.use(backend):
+            layer = make_layer(KIVIConfig(residual_length=64))
+            layer.append(keys[:, :, :150], values[:, :, :150])
+            for t in range(150, 200):
+                layer.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+            states[backend] = layer.state_dict()[0]  # every stored tensor: codes, scales, zeros, fp residual
+    want, got = states["reference"], states["fast"]
+    assert want.keys() == got.keys() and {"keys.groups.codes", "values.tokens.codes"} <= set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+# --- layer level ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "config",
+    [
+        KIVIConfig(residual_length=64),
+        KIVIConfig(key_bits=4, value_bits=4, residual_length=32),
+        KIVIConfig(key_bits=8, value_bits=2, group_size=16, residual_length=32),
+    ],
+    ids=("kivi2", "kivi4", "kivi8-2-g16"),
+)
+@pytest.mark.parametrize("q_heads", (3, 9))
+def test_kivi_layer_attend_fast_matches_reference(config, q_heads):
+    check_attend_fast_matches_reference(config, q_heads)
+
+
+@pytest.mark.parametrize("outlier_channels", (8, 0))
+def test_qjl_layer_attend_fast_matches_reference(outlier_channels):
+    config = QJLConfig(outlier_channels=outlier_channels, residual_length=64)
+    check_attend_fast_matches_reference(config, q_heads=9, batch=1, check_every=30)  # the QJL reference is slow
+
+
+def check_attend_fast_matches_reference(config, q_heads, batch=2, check_every=11):
+    """Prefill, then decode steps through at least one key flush; fast and reference attend agree."""
+    gen = torch.Generator().manual_seed(0)
+    layer = make_layer(config)
+    keys, values = torch.randn(batch, 3, 150, 64, generator=gen), torch.randn(batch, 3, 150, 64, generator=gen)
+    layer.append(keys, values)  # prefill: 150 tokens, some flushed
+    flushes = 0
+    for step in range(config.residual_length + 3):  # decode steps, through at least one key flush
+        layer.append(torch.randn(batch, 3, 1, 64, generator=gen), torch.randn(batch, 3, 1, 64, generator=gen))
+        if step % check_every and layer.keys.pending is None:  # check every few steps and every key flush
+            continue
+        flushes += layer.keys.pending is not None
+        query = torch.randn(batch, q_heads, 1, 64, generator=gen)
+        with kernels.use("reference"):
+            want = layer.attend(query)
+        with kernels.use("fast"):
+            got = layer.attend(query)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert flushes >= 1
+
+
+# --- dispatch -------------------------------------------------------------------------------------------
+def test_backend_selection(monkeypatch):
+    monkeypatch.delenv("KVPACK_KERNELS", raising=False)
+    assert kernels.backend() == "auto"
+    monkeypatch.setenv("KVPACK_KERNELS", "reference")
+    assert kernels.backend() == "reference"
+    with kernels.use("fast"):
+        assert kernels.backend() == "fast"
+        with kernels.use("reference"):
+            assert kernels.backend() == "reference"
+        assert kernels.backend() == "fast"
+    monkeypatch.setenv("KVPACK_KERNELS", "turbo")
+    with pytest.raises(ValueError, match="KVPACK_KERNELS must be one of"):
+        kernels.backend()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with kernels.use("turbo"):
+            pass
+
+
+def test_reference_backend_never_calls_fast(monkeypatch):
+    def boom(*args):
+        raise AssertionError("fast kernel called")
+
+    monkeypatch.setattr(cpu, "kivi_key_scores", boom)
+    codes, scale, zero = key_groups(1, 1, 2, 64, 32, 2, torch.float16)
+    query = torch.randn(1, 1, 3, 64)
+    with kernels.use("reference"):
+        kernels.kivi_key_scores(query, codes, scale, zero, 2)
+    with pytest.raises(AssertionError, match="fast kernel called"):
+        kernels.kivi_key_scores(query, codes, scale, zero, 2)  # auto picks the fast kernel when it can
+
+
+def test_unsupported_input_falls_back_and_logs_once(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.delenv("KVPACK_KERNELS", raising=False)
+    codes, scale, zero = token_values(1, 2, 9, 64, 32, 2, torch.float32)
+    scale, zero = scale.double(), zero.double()  # no fast kernel for float64 scales
+    weights = torch.softmax(torch.randn(1, 2, 3, 9), -1)
+    with caplog.at_level(logging.WARNING, logger="kvpack.kernels"):
+        first = kernels.value_weighted_sum(weights, codes, scale, zero, 2, 32)
+        second = kernels.value_weighted_sum(weights, codes, scale, zero, 2, 32)
+    warnings = [r for r in caplog.records if r.name == "kvpack.kernels"]
+    assert len(warnings) == 1 and "float64" in warnings[0].getMessage()
+    assert torch.equal(first, reference.value_weighted_sum(weights, codes, scale, zero, 2, 32))
+    assert torch.equal(first, second)
+    with kernels.use("fast"), pytest.raises(kernels.KernelUnavailableError, match="float64"):
+        kernels.value_weighted_sum(weights, codes, scale, zero, 2, 32)
+
+
+def test_missing_library_falls_back_once_or_raises_when_forced(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.setattr(cpu, "available", lambda: "no C++ compiler found (install g++ or set CXX)")
+    monkeypatch.setenv("KVPACK_KERNELS", "auto")
+    codes, scale, zero = key_groups(1, 1, 2, 64, 32, 2, torch.float16)
+    query = torch.randn(1, 1, 3, 64)
+    with caplog.at_level(logging.WARNING, logger="kvpack.kernels"):
+        for _ in range(3):
+            out = kernels.kivi_key_scores(query, codes, scale, zero, 2)
+    assert len([r for r in caplog.records if "no C++ compiler" in r.getMessage()]) == 1
+    assert torch.equal(out, reference.kivi_key_scores(query, codes, scale, zero, 2))
+    with pytest.raises(kernels.KernelUnavailableError, match="no C\\+\\+ compiler"):
+        with kernels.use("fast"):
+            pass
+    monkeypatch.setenv("KVPACK_KERNELS", "fast")
+    with pytest.raises(kernels.KernelUnavailableError, match="no C\\+\\+ compiler"):
+        kernels.kivi_key_scores(query, codes, scale, zero, 2)
+
+
+def test_failed_build_is_reported(monkeypatch, tmp_path):
+    """A compiler that fails makes the backend unavailable with the compiler's message (not a crash)."""
+    broken = tmp_path / "broken-cxx"
+    broken.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    monkeypatch.setenv("KVPACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_error", None)
+    reason = cpu.available()
+    assert reason is not None and "broken compiler" in reason
+
+
+def test_library_shares_torchs_openmp_runtime():
+    """One libgomp in the process: the kernels use torch's thread pool rather than a second one."""
+    try:
+        maps = open("/proc/self/maps").read()
+    except OSError:
+        pytest.skip("no /proc/self/maps")
+    gomp = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+    assert len(gomp) <= 1, gomp
+
+
+# --- inside generate ------------------------------------------------------------------------------------
+def generate_with(model, input_ids, config, backend, new_tokens):
+    from kvpack.hf import make_cache
+
+    with kernels.use(backend):
+        return model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), cache=make_cache(model, config),
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+
+
+def assert_same_generation(got, want, near_tie):
+    """Same tokens up to the first step where the reference's two best logits are within ``near_tie``."""
+    logits = torch.stack(want.logits, dim=1)  # (B, steps, vocab)
+    top2 = logits.topk(2, dim=-1).values
+    ties = ((top2[..., 0] - top2[..., 1]) < near_tie).any(dim=0).nonzero()
+    steps = int(ties[0]) if len(ties) else logits.shape[1]
+    assert steps >= logits.shape[1] // 2, "too many near ties to compare"
+    prompt = want.sequences.shape[1] - logits.shape[1]
+    assert torch.equal(got.sequences[:, : prompt + steps], want.sequences[:, : prompt + steps])
+    torch.testing.assert_close(torch.stack(got.logits, 1)[:, :steps], logits[:, :steps], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [KIVIConfig(group_size=16, residual_length=16), QJLConfig(group_size=16, residual_length=16, outlier_channels=2)],
+    ids=("kivi2", "qjl"),
+)
+def test_fused_generate_same_tokens_with_fast_and_reference_kernels(tiny_llama, config):
+    from kvpack.hf import enable
+
+    enable(tiny_llama)
+    input_ids = torch.randint(2, 128, (2, 45), generator=torch.Generator().manual_seed(0))
+    want = generate_with(tiny_llama, input_ids, config, "reference", 24)
+    got = generate_with(tiny_llama, input_ids, config, "fast", 24)
+    assert_same_generation(got, want, near_tie=1e-4)
+
+
+@pytest.mark.model
+def test_fused_generate_same_tokens_on_the_embedded_model(embedded_model):
+    from kvpack.hf import enable
+
+    model, tokenizer = embedded_model
+    enable(model)
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune " * 12
+    input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :140]
+    config = KIVIConfig(residual_length=64)  # 140 prompt tokens: 128 quantized keys, the rest in fp
+    want = generate_with(model, input_ids, config, "reference", 8)
+    got = generate_with(model, input_ids, config, "fast", 8)
+    assert_same_generation(got, want, near_tie=1e-3)
