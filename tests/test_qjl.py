@@ -166,26 +166,26 @@ def test_orthogonal_sketch_rows_and_blocks():
 
 
 def test_orthogonal_sketch_bias_is_pinned():
-    # Orthogonal rows make the estimator biased by the factor c_d = orthogonal_bias(d) ~ 1 + 1/(4d):
-    # c_8 = 1.0317 (theory); measured with these seeds: 1.0325 +- 0.0017. The reference code has the
-    # same bias; at d = 64 (SmolLM2) it is +0.39%.
-    dim, m, n_seeds = 8, 16, 3000
-    query, keys = pairs(dim=dim, n=3, seed=2)
-    keys = keys[1:]  # skip the unrelated pair (<q, k> near 0 carries no information on a ratio)
-    query = query[1:]
-    est, _ = estimates_over_seeds(query, keys, n_seeds, sketch_dim=m, orthogonal=True)
+    # Orthogonal rows make the estimator biased by the factor c_d = orthogonal_bias(d) ~ 1 + 1/(4d), the
+    # same for every (q, k): c_8 = 1.0317 in theory, and measured with these 1000 seeds on k = 2q (where
+    # the estimator's spread is smallest) 1.0321 +- 0.0018. The reference code has the same bias; at
+    # d = 64 (SmolLM2) it is +0.39%.
+    dim, m, n_seeds = 8, 16, 1000
+    query, keys = pairs(dim=dim, n=3, seed=2)  # rows 1 and 2: cos(q, k) = 0.43 and 1
+    est, _ = estimates_over_seeds(query[1:], keys[1:], n_seeds, sketch_dim=m, orthogonal=True)
     est = est.double()
-    exact = (query[:, 0, 0].double() * keys[:, 0, 0].double()).sum(-1)
+    q, k = query[1:, 0, 0].double(), keys[1:, 0, 0].double()
+    exact = (q * k).sum(-1)
     ratio = est.mean(0) / exact
     stderr = est.std(0) / math.sqrt(n_seeds) / exact.abs()
     theory = orthogonal_bias(dim)
     assert theory == pytest.approx(1.0317, abs=1e-4)
     assert ((ratio - theory).abs() < 4 * stderr).all(), (ratio, stderr)
-    assert ((ratio - 1) > 0.5 * (theory - 1)).all()  # the bias is real, not noise
-    # and orthogonal rows reduce the variance below the Gaussian prediction
-    q, k = query[:, 0, 0].double(), keys[:, 0, 0].double()
+    assert ratio[1] == pytest.approx(1.0321, abs=0.0005)  # pinned: this run is deterministic
+    assert ratio[1] - 1 > 10 * stderr[1]  # the bias is real, not noise
+    # and orthogonal rows reduce the variance well below the Gaussian prediction
     gaussian_var = (math.pi / 2 * q.pow(2).sum(-1) * k.pow(2).sum(-1) - exact**2) / m
-    assert (est.var(0) < gaussian_var).all()
+    assert (est.var(0) < 0.5 * gaussian_var).all()
 
 
 # --- storage layout -----------------------------------------------------------------------------------------
