@@ -11,7 +11,7 @@ import torch
 
 from .. import kernels
 from ..config import SCALE_DTYPES, MethodConfig, check_choice, check_positive_int
-from ..primitives import pack_bits, unpack_bits
+from ..primitives import unpack_bits
 from ..registry import register
 from .base import BlockKeyStore, CompressedLayer, QuantizedValueStore
 
@@ -55,8 +55,9 @@ class QJLConfig(MethodConfig):
 
     Storage per key, head_dim d (see :func:`qjl_key_bits`): ``m + 16`` bits, plus ``m_o + 16`` when k > 0,
     plus ``8 k / G`` for the group's outlier indices (16 k / G when d > 256). The defaults (m = 256,
-    k = 8, m_o = 64, chosen by measured attention error on SmolLM2-135M, docs/QJL.md) cost
-    354 / 64 = 5.53 bits per key coordinate at d = 64 and 2.77 at d = 128.
+    k = 4, m_o = 128) cost 417 bits per key: 6.52 bits per key coordinate at d = 64, 3.26 at d = 128.
+    They were chosen by measured quality on SmolLM2-135M (docs/QJL.md): the lowest attention error of
+    the settings up to 6.5 bits; a small outlier sketch (m_o = 64, k = 8) nearly doubles it.
 
     Deviations from the paper's code: orthogonal S carries a small multiplicative score bias of
     ``sqrt(d/2) Gamma(d/2) / Gamma((d+1)/2) ~ 1 + 1/(4d)`` (+0.39% at d = 64), left uncorrected as in the
@@ -66,8 +67,8 @@ class QJLConfig(MethodConfig):
 
     method = "qjl"
     sketch_dim: int = 256
-    outlier_channels: int = 8
-    outlier_sketch_dim: int = 64
+    outlier_channels: int = 4
+    outlier_sketch_dim: int = 128
     initial_layers: int = 0
     initial_sketch_dim: int | None = None
     value_bits: int = 2
@@ -82,10 +83,10 @@ class QJLConfig(MethodConfig):
         _check_sketch_dim("sketch_dim", self.sketch_dim)
         if self.initial_sketch_dim is not None:
             _check_sketch_dim("initial_sketch_dim", self.initial_sketch_dim)
-        if isinstance(self.outlier_channels, bool) or not isinstance(self.outlier_channels, int) or self.outlier_channels < 0:
-            raise ValueError(f"outlier_channels must be a non-negative integer, got {self.outlier_channels!r}")
-        if isinstance(self.initial_layers, bool) or not isinstance(self.initial_layers, int) or self.initial_layers < 0:
-            raise ValueError(f"initial_layers must be a non-negative integer, got {self.initial_layers!r}")
+        for name in ("outlier_channels", "initial_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         m_o = self.outlier_sketch_dim
         if self.outlier_channels == 0:  # nothing to sketch: m_o is ignored, but must still be well formed
             if m_o != 0:
@@ -224,12 +225,12 @@ class QJLKeyStore(BlockKeyStore):
             keys_out, keys_in = None, grouped
         out = {
             "outlier_idx": outlier_idx.to(index_dtype),  # (B, H, N, k)
-            "signs": pack_bits((keys_in @ sketch.T > 0).to(torch.uint8), 1),  # (B, H, N, G, m / 8)
+            "signs": kernels.pack_signs(keys_in @ sketch.T),  # (B, H, N, G, m / 8)
             "norms": self._norms(keys_in, keys.dtype),  # (B, H, N, G)
         }
         if k:
             sketched_out = keys_out @ sketch[:m_o].T  # (B, H, N, G, m_o)
-            out["outlier_signs"] = pack_bits((sketched_out > 0).to(torch.uint8), 1)  # (B, H, N, G, m_o / 8)
+            out["outlier_signs"] = kernels.pack_signs(sketched_out)  # (B, H, N, G, m_o / 8)
             out["outlier_norms"] = self._norms(keys_out, keys.dtype)
         else:
             out["outlier_signs"] = out["signs"].new_empty(out["signs"].shape[:-1] + (0,))
@@ -270,7 +271,8 @@ class QJLKeyStore(BlockKeyStore):
         m_o = groups["outlier_signs"].shape[-1] * 8
         if idx.shape[-1] and m_o:
             signs_out = unpack_bits(groups["outlier_signs"], 1, m_o).float() * 2 - 1  # (B, H, N, G, m_o)
-            keys_out = (_SQRT_HALF_PI / m_o) * groups["outlier_norms"].float().unsqueeze(-1) * (signs_out @ sketch[:m_o])
+            norms_out = groups["outlier_norms"].float().unsqueeze(-1)
+            keys_out = (_SQRT_HALF_PI / m_o) * norms_out * (signs_out @ sketch[:m_o])  # (B, H, N, G, D)
             keys = keys + keys_out * is_outlier.unsqueeze(3)
         return keys.reshape(batch, heads, n * group, dim)
 
