@@ -127,7 +127,8 @@ def numba_kernels():
         n, gb = codes.shape[2], codes.shape[-1]
         out = torch.empty(b * h, m, n * gb * 8 // bits)
         keys(query.reshape(b * h, m, d).numpy(), codes.reshape(b * h, n, d, gb).numpy(),
-             scale.float().reshape(b * h, n, d).numpy(), zero.float().reshape(b * h, n, d).numpy(), bits, out.numpy())  # fmt: skip
+             scale.float().reshape(b * h, n, d).numpy(), zero.float().reshape(b * h, n, d).numpy(), bits,
+             out.numpy())  # fmt: skip
         return out.reshape(b, h, m, -1)
 
     def call_values(weights, codes, scale, zero, bits, group):

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kvpack_cpu.cpp"
-_ABI_VERSION = 4
+_ABI_VERSION = 6
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC"]
 _BITS = (2, 4, 8)
 _SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -94,20 +94,32 @@ def _build(compiler: str) -> Path:
     return target
 
 
+_ENTRY_POINTS = {  # name -> return type; each takes (const int64_t* meta, void* const* ptrs), see the .cpp
+    "kvpack_kivi_key_scores": None,
+    "kvpack_value_weighted_sum": None,
+    "kvpack_qjl_key_scores": None,
+    "kvpack_quantize_tokens": ctypes.c_int,
+    "kvpack_quantize_key_groups": ctypes.c_int,
+    "kvpack_pack_signs": None,
+}
+
+
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.kvpack_abi_version.restype = i32
-    common = [p, p, p, p, p, p, p, i32, p, i64, i64, i32, i64, i32, i32, i32, i32]
-    for fn in (lib.kvpack_kivi_key_scores, lib.kvpack_value_weighted_sum):
-        fn.argtypes = common
-        fn.restype = None
-    lib.kvpack_qjl_key_scores.argtypes = [p] * 14 + [i32, p, i64, i64, i32, i64] + [i32] * 6
-    lib.kvpack_qjl_key_scores.restype = None
-    for fn in (lib.kvpack_quantize_tokens, lib.kvpack_quantize_key_groups):
-        fn.argtypes = [p, i32, p, i64, i64, i64, i32, i32, i32, p, p, p, i32, i32]
-        fn.restype = i32
-    lib.kvpack_pack_signs.argtypes = [p, i64, i64, i32, p, i32]
-    lib.kvpack_pack_signs.restype = None
+    lib.kvpack_abi_version.restype = ctypes.c_int
+    for name, restype in _ENTRY_POINTS.items():
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        fn.restype = restype
+
+
+def _call(name: str, meta: list[int], tensors: list[torch.Tensor | None]):
+    """Run entry point ``name`` on an int64 array ``meta`` and the tensors' data pointers (None: null).
+
+    Two arrays rather than ~20 arguments: ctypes' per-argument conversion is most of a call's overhead.
+    """
+    ptrs = [None if t is None else t.data_ptr() for t in tensors]
+    fn = getattr(load(), name)
+    return fn((ctypes.c_int64 * len(meta))(*meta), (ctypes.c_void_p * len(ptrs))(*ptrs))
 
 
 def load() -> ctypes.CDLL:
@@ -140,14 +152,6 @@ def available() -> str | None:
     except RuntimeError as err:
         return str(err)
     return None
-
-
-def _strides(t: torch.Tensor):
-    return (ctypes.c_int64 * t.dim())(*t.stride())
-
-
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
 
 
 def _inner_contiguous(t: torch.Tensor, dims: int) -> bool:
@@ -221,7 +225,6 @@ def unsupported(kernel: str, *args) -> str | None:
 
 def kivi_key_scores(query, codes, scale, zero, bits):
     """Fused :func:`kvpack.kernels.reference.kivi_key_scores` (same arguments and result)."""
-    lib = load()
     batch, heads, rows, dim = query.shape
     n_groups = codes.shape[2]
     group = codes.shape[-1] * 8 // bits
@@ -234,17 +237,14 @@ def kivi_key_scores(query, codes, scale, zero, bits):
     out = torch.empty(batch, heads, rows, n_groups * group, dtype=torch.float32)
     if out.numel() == 0:
         return out.zero_()
-    lib.kvpack_kivi_key_scores(
-        _ptr(query), _strides(query), _ptr(codes), _strides(codes), _ptr(scale), _ptr(zero), _strides(scale),
-        _SCALE_TYPES[scale.dtype], _ptr(out), batch, heads, rows, n_groups, dim, group, bits,
-        torch.get_num_threads(),
-    )  # fmt: skip
+    meta = [*query.stride(), *codes.stride()[:2], *scale.stride()[:2], _SCALE_TYPES[scale.dtype],
+            batch, heads, rows, n_groups, dim, group, bits, torch.get_num_threads()]  # fmt: skip
+    _call("kvpack_kivi_key_scores", meta, [query, codes, scale, zero, out])
     return out
 
 
 def value_weighted_sum(weights, codes, scale, zero, bits, group_size):
     """Fused :func:`kvpack.kernels.reference.value_weighted_sum` (same arguments and result)."""
-    lib = load()
     batch, heads, rows, tokens = weights.shape
     dim = scale.shape[-1] * group_size
     if weights.stride(-1) != 1:
@@ -256,11 +256,9 @@ def value_weighted_sum(weights, codes, scale, zero, bits, group_size):
     out = torch.empty(batch, heads, rows, dim, dtype=torch.float32)
     if tokens == 0 or out.numel() == 0:
         return out.zero_()
-    lib.kvpack_value_weighted_sum(
-        _ptr(weights), _strides(weights), _ptr(codes), _strides(codes), _ptr(scale), _ptr(zero), _strides(scale),
-        _SCALE_TYPES[scale.dtype], _ptr(out), batch, heads, rows, tokens, dim, group_size, bits,
-        torch.get_num_threads(),
-    )  # fmt: skip
+    meta = [*weights.stride(), *codes.stride()[:3], *scale.stride()[:3], _SCALE_TYPES[scale.dtype],
+            batch, heads, rows, tokens, dim, group_size, bits, torch.get_num_threads()]  # fmt: skip
+    _call("kvpack_value_weighted_sum", meta, [weights, codes, scale, zero, out])
     return out
 
 
@@ -270,7 +268,6 @@ def _inner(t: torch.Tensor, dims: int) -> torch.Tensor:
 
 def qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms):
     """Fused :func:`kvpack.kernels.reference.qjl_key_scores` (same arguments and result)."""
-    lib = load()
     batch, heads, rows, dim = query.shape
     n_groups, group = signs.shape[2], signs.shape[3]
     m, m_o, k = signs.shape[-1] * 8, outlier_signs.shape[-1] * 8, outlier_idx.shape[-1]
@@ -283,17 +280,18 @@ def qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs, outl
     if out.numel() == 0:
         return out.zero_()
     m_o = m_o if k else 0  # without outlier channels there is no outlier part
-    # Optional inputs travel as (pointer, strides); (None, None) when absent.
-    idx = (_ptr(outlier_idx := _inner(outlier_idx, 2)), _strides(outlier_idx)) if k else (None, None)
+    # Absent inputs (no outliers: k = 0; no outlier sketch: m_o = 0) travel as null pointers, strides 0.
+    idx = _inner(outlier_idx, 2) if k else None
     if m_o:
         outlier_signs, outlier_norms = _inner(outlier_signs, 3), _inner(outlier_norms, 2)
-    osigns = (_ptr(outlier_signs), _strides(outlier_signs)) if m_o else (None, None)
-    onorms = (_ptr(outlier_norms), _strides(outlier_norms)) if m_o else (None, None)
-    lib.kvpack_qjl_key_scores(
-        _ptr(query), _strides(query), _ptr(sketched), _ptr(sketch_t), *idx, _ptr(signs), _strides(signs),
-        _ptr(norms), _strides(norms), *osigns, *onorms, _SCALE_TYPES[norms.dtype], _ptr(out), batch, heads, rows,
-        n_groups, dim, group, m, m_o, k, torch.get_num_threads(),
-    )  # fmt: skip
+    optional = [(idx, k), (outlier_signs, m_o), (outlier_norms, m_o)]
+    strides2 = [t.stride()[:2] if used else (0, 0) for t, used in optional]
+    meta = [*query.stride(), *strides2[0], *signs.stride()[:2], *norms.stride()[:2], *strides2[1], *strides2[2],
+            _SCALE_TYPES[norms.dtype], batch, heads, rows, n_groups, dim, group, m, m_o, k,
+            torch.get_num_threads()]  # fmt: skip
+    tensors = [query, sketched, sketch_t, idx, signs, norms, outlier_signs if m_o else None,
+               outlier_norms if m_o else None, out]  # fmt: skip
+    _call("kvpack_qjl_key_scores", meta, tensors)
     return out
 
 
@@ -307,17 +305,15 @@ def quantize_pack_tokens(values, bits, group_size, scale_dtype=None):
     batch, heads, tokens, dim = values.shape
     if bits not in _QUANT_BITS or group_size <= 0 or dim % group_size or values.numel() == 0:
         return reference.quantize_pack_tokens(values, bits, group_size, scale_dtype)  # raises, or trivial
-    lib = load()
     scale_dtype = scale_dtype or values.dtype
     if values.stride(-1) != 1:
         values = values.contiguous()
     codes = torch.empty(batch, heads, tokens, (dim * bits + 7) // 8, dtype=torch.uint8)
     scale = torch.empty(batch, heads, tokens, dim // group_size, dtype=scale_dtype)
     zero = torch.empty_like(scale)
-    bad = lib.kvpack_quantize_tokens(
-        _ptr(values), _SCALE_TYPES[values.dtype], _strides(values), batch, heads, tokens, dim, group_size, bits,
-        _ptr(codes), _ptr(scale), _ptr(zero), _SCALE_TYPES[scale_dtype], torch.get_num_threads(),
-    )  # fmt: skip
+    meta = [_SCALE_TYPES[values.dtype], *values.stride(), batch, heads, tokens, dim, group_size, bits,
+            _SCALE_TYPES[scale_dtype], torch.get_num_threads()]  # fmt: skip
+    bad = _call("kvpack_quantize_tokens", meta, [values, codes, scale, zero])
     if bad:  # NaN input or a scale overflowing scale_dtype: the reference raises its ValueError
         return reference.quantize_pack_tokens(values, bits, group_size, scale_dtype)
     return codes, scale, zero
@@ -330,7 +326,6 @@ def quantize_pack_key_groups(keys, bits, group_size, scale_dtype=None):
     batch, heads, tokens, dim = keys.shape
     if bits not in _QUANT_BITS or group_size <= 0 or tokens % group_size or keys.numel() == 0:
         return reference.quantize_pack_key_groups(keys, bits, group_size, scale_dtype)  # raises, or trivial
-    lib = load()
     scale_dtype = scale_dtype or keys.dtype
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
@@ -338,10 +333,9 @@ def quantize_pack_key_groups(keys, bits, group_size, scale_dtype=None):
     codes = torch.empty(batch, heads, n_groups, dim, (group_size * bits + 7) // 8, dtype=torch.uint8)
     scale = torch.empty(batch, heads, n_groups, dim, dtype=scale_dtype)
     zero = torch.empty_like(scale)
-    bad = lib.kvpack_quantize_key_groups(
-        _ptr(keys), _SCALE_TYPES[keys.dtype], _strides(keys), batch, heads, n_groups, dim, group_size, bits,
-        _ptr(codes), _ptr(scale), _ptr(zero), _SCALE_TYPES[scale_dtype], torch.get_num_threads(),
-    )  # fmt: skip
+    meta = [_SCALE_TYPES[keys.dtype], *keys.stride(), batch, heads, n_groups, dim, group_size, bits,
+            _SCALE_TYPES[scale_dtype], torch.get_num_threads()]  # fmt: skip
+    bad = _call("kvpack_quantize_key_groups", meta, [keys, codes, scale, zero])
     if bad:
         return reference.quantize_pack_key_groups(keys, bits, group_size, scale_dtype)
     return codes, scale, zero
@@ -349,7 +343,6 @@ def quantize_pack_key_groups(keys, bits, group_size, scale_dtype=None):
 
 def pack_signs(x):
     """Fused :func:`kvpack.kernels.reference.pack_signs`: bit-identical outputs."""
-    lib = load()
     m = x.shape[-1]
     out = torch.empty(x.shape[:-1] + ((m + 7) // 8,), dtype=torch.uint8)
     if out.numel() == 0:
@@ -357,5 +350,5 @@ def pack_signs(x):
     rows = x.reshape(-1, m)  # a view when x's leading axes are mergeable, else one copy
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    lib.kvpack_pack_signs(_ptr(rows), rows.stride(0), rows.shape[0], m, _ptr(out), torch.get_num_threads())
+    _call("kvpack_pack_signs", [rows.stride(0), rows.shape[0], m, torch.get_num_threads()], [rows, out])
     return out

@@ -12,7 +12,14 @@ import torch
 
 from ..primitives import dequantize_affine, pack_bits, quantize_affine, unpack_bits
 
-__all__ = ["kivi_key_scores", "qjl_key_scores", "value_weighted_sum", "quantize_pack_tokens", "quantize_pack_key_groups", "pack_signs"]
+__all__ = [
+    "kivi_key_scores",
+    "qjl_key_scores",
+    "value_weighted_sum",
+    "quantize_pack_tokens",
+    "quantize_pack_key_groups",
+    "pack_signs",
+]
 
 
 def kivi_key_scores(

@@ -360,7 +360,8 @@ inline void sign_dots(const float* x, int64_t xs, int nbits, const uint8_t* byte
 }
 
 // QJL scores for one (batch, head), groups [n0, n1), ROWS query rows. sketched: S q (ROWS, m) with row
-// stride sq_row; sketch_t (D, m) float32, the columns of S; outlier_idx (N, k); signs (N, G, m / 8); norms (N, G); outlier_signs (N, G, m_o / 8);
+// stride sq_row; sketch_t (D, m) float32, the columns of S; outlier_idx (N, k); signs (N, G, m / 8);
+// norms (N, G); outlier_signs (N, G, m_o / 8);
 // outlier_norms (N, G); out (ROWS, N * G) with row stride out_row.
 template <int ROWS>
 void qjl_rows(const float* query, int64_t q_row, const float* sketched, int64_t sq_row, const float* sketch_t,
@@ -475,12 +476,15 @@ inline void pack_codes(const uint8_t* codes, int n, int bits, uint8_t* out) {
 
 extern "C" {
 
-int kvpack_abi_version() { return 4; }
+int kvpack_abi_version() { return 6; }
+
+// The entry points called from Python take two arrays, so that a ctypes call converts two arguments:
+// meta (int64: strides, sizes, flags; layouts below) and ptrs (the tensors' data pointers).
 
 // q (B, H, M, D) float32 with strides q_s[4] (q_s[3] == 1); codes (B, H, N, D, G * bits / 8) uint8 with
 // batch/head strides codes_s[2] and the rest contiguous; scale/zero (B, H, N, D) with batch/head strides
 // scale_s[2], rest contiguous; out (B, H, M, N * G) float32 contiguous. G % 8 == 0.
-void kvpack_kivi_key_scores(const float* q, const int64_t* q_s, const uint8_t* codes, const int64_t* codes_s,
+static void kvpack_kivi_key_scores_impl(const float* q, const int64_t* q_s, const uint8_t* codes, const int64_t* codes_s,
                             const void* scale, const void* zero, const int64_t* scale_s, int scale_type,
                             float* out, int64_t B, int64_t H, int M, int64_t N, int D, int G, int bits,
                             int threads) {
@@ -508,7 +512,7 @@ void kvpack_kivi_key_scores(const float* q, const int64_t* q_s, const uint8_t* c
 // w (B, H, M, T) float32 with strides w_s[4] (w_s[3] == 1); codes (B, H, T, D * bits / 8) uint8 with
 // strides codes_s[3] (last contiguous); scale/zero (B, H, T, D / G) with strides scale_s[3] (last
 // contiguous); out (B, H, M, D) float32 contiguous. G % 8 == 0.
-void kvpack_value_weighted_sum(const float* w, const int64_t* w_s, const uint8_t* codes, const int64_t* codes_s,
+static void kvpack_value_weighted_sum_impl(const float* w, const int64_t* w_s, const uint8_t* codes, const int64_t* codes_s,
                                const void* scale, const void* zero, const int64_t* scale_s, int scale_type,
                                float* out, int64_t B, int64_t H, int M, int64_t T, int D, int G, int bits,
                                int threads) {
@@ -521,7 +525,8 @@ void kvpack_value_weighted_sum(const float* w, const int64_t* w_s, const uint8_t
   // segments write partial sums that are added afterwards.
   int64_t segments = 1;
   const int64_t base_items = B * H * chunks;
-  if (threads > 1 && base_items < 4 * threads) segments = std::min<int64_t>((4 * threads + base_items - 1) / base_items, std::max<int64_t>(1, T / 256));
+  if (threads > 1 && base_items < 4 * threads)
+    segments = std::min<int64_t>((4 * threads + base_items - 1) / base_items, std::max<int64_t>(1, T / 256));
   const int64_t seg_len = (T + segments - 1) / segments;
   std::vector<float> partial;
   if (segments > 1) partial.assign((size_t)(segments * B * H * M * D), 0.f);
@@ -559,7 +564,7 @@ void kvpack_value_weighted_sum(const float* w, const int64_t* w_s, const uint8_t
 // outlier_idx (B, H, N, k) uint8, signs (B, H, N, G, m / 8), norms (B, H, N, G), outlier_signs
 // (B, H, N, G, m_o / 8), outlier_norms (B, H, N, G): batch/head strides in idx_s, signs_s, norms_s,
 // osigns_s, onorms_s (2 each), the rest contiguous; out (B, H, M, N * G) float32 contiguous.
-void kvpack_qjl_key_scores(const float* q, const int64_t* q_s, const float* sq, const float* sketch_t,
+static void kvpack_qjl_key_scores_impl(const float* q, const int64_t* q_s, const float* sq, const float* sketch_t,
                            const uint8_t* outlier_idx, const int64_t* idx_s, const uint8_t* signs,
                            const int64_t* signs_s, const void* norms, const int64_t* norms_s,
                            const uint8_t* outlier_signs, const int64_t* osigns_s, const void* outlier_norms,
@@ -604,7 +609,7 @@ void kvpack_qjl_key_scores(const float* q, const int64_t* q_s, const float* sq, 
 // Values: x (B, H, T, D) of x_type with strides x_s[4] (x_s[3] == 1) -> codes (B, H, T, ceil(D * bits / 8))
 // uint8, scale/zero (B, H, T, D / G) of scale_type, all contiguous. Groups of G consecutive channels.
 // Returns 0, or 1 when a scale or zero overflows the scale type.
-int kvpack_quantize_tokens(const void* x, int x_type, const int64_t* x_s, int64_t B, int64_t H, int64_t T, int D,
+static int kvpack_quantize_tokens_impl(const void* x, int x_type, const int64_t* x_s, int64_t B, int64_t H, int64_t T, int D,
                            int G, int bits, uint8_t* codes, void* scale, void* zero, int scale_type, int threads) {
   const int64_t rows = B * H * T;
   const int row_bytes = (D * bits + 7) / 8, groups = D / G;
@@ -626,7 +631,7 @@ int kvpack_quantize_tokens(const void* x, int x_type, const int64_t* x_s, int64_
 
 // Keys: x (B, H, N * G, D) of x_type with strides x_s[4] (x_s[3] == 1) -> codes (B, H, N, D, ceil(G * bits /
 // 8)) uint8, scale/zero (B, H, N, D) of scale_type, all contiguous. Each channel's G tokens form a group.
-int kvpack_quantize_key_groups(const void* x, int x_type, const int64_t* x_s, int64_t B, int64_t H, int64_t N,
+static int kvpack_quantize_key_groups_impl(const void* x, int x_type, const int64_t* x_s, int64_t B, int64_t H, int64_t N,
                                int D, int G, int bits, uint8_t* codes, void* scale, void* zero, int scale_type,
                                int threads) {
   const int64_t items = B * H * N;
@@ -652,7 +657,7 @@ int kvpack_quantize_key_groups(const void* x, int x_type, const int64_t* x_s, in
 
 // Sign bits: x (rows, m) float32 with row stride x_row (unit stride inside a row) -> out (rows, ceil(m / 8))
 // uint8 contiguous, bit p % 8 of byte p / 8 set iff x[p] > 0 (as pack_bits((x > 0).to(uint8), 1)).
-void kvpack_pack_signs(const float* x, int64_t x_row, int64_t rows, int m, uint8_t* out, int threads) {
+static void kvpack_pack_signs_impl(const float* x, int64_t x_row, int64_t rows, int m, uint8_t* out, int threads) {
   const int bytes = (m + 7) / 8;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows * m > 1 << 18)
   for (int64_t r = 0; r < rows; ++r) {
@@ -669,6 +674,53 @@ void kvpack_pack_signs(const float* x, int64_t x_row, int64_t rows, int m, uint8
       dst[p / 8] = byte;
     }
   }
+}
+
+// ptrs: q, codes, scale, zero, out. meta: q strides (4), codes batch/head strides (2), scale batch/head
+// strides (2), scale_type, B, H, M, N, D, G, bits, threads.
+void kvpack_kivi_key_scores(const int64_t* m, void* const* p) {
+  kvpack_kivi_key_scores_impl(static_cast<const float*>(p[0]), m, static_cast<const uint8_t*>(p[1]), m + 4, p[2],
+                              p[3], m + 6, (int)m[8], static_cast<float*>(p[4]), m[9], m[10], (int)m[11], m[12],
+                              (int)m[13], (int)m[14], (int)m[15], (int)m[16]);
+}
+
+// ptrs: weights, codes, scale, zero, out. meta: weights strides (4), codes strides (3), scale strides (3),
+// scale_type, B, H, M, T, D, G, bits, threads.
+void kvpack_value_weighted_sum(const int64_t* m, void* const* p) {
+  kvpack_value_weighted_sum_impl(static_cast<const float*>(p[0]), m, static_cast<const uint8_t*>(p[1]), m + 4, p[2],
+                                 p[3], m + 7, (int)m[10], static_cast<float*>(p[4]), m[11], m[12], (int)m[13], m[14],
+                                 (int)m[15], (int)m[16], (int)m[17], (int)m[18]);
+}
+
+// ptrs: q, sq, sketch_t, outlier_idx, signs, norms, outlier_signs, outlier_norms, out. meta: q strides (4),
+// then batch/head strides (2 each) of outlier_idx, signs, norms, outlier_signs, outlier_norms, then
+// norm_type, B, H, M, N, D, G, m, m_o, k, threads.
+void kvpack_qjl_key_scores(const int64_t* m, void* const* p) {
+  kvpack_qjl_key_scores_impl(static_cast<const float*>(p[0]), m, static_cast<const float*>(p[1]),
+                             static_cast<const float*>(p[2]), static_cast<const uint8_t*>(p[3]), m + 4,
+                             static_cast<const uint8_t*>(p[4]), m + 6, p[5], m + 8,
+                             static_cast<const uint8_t*>(p[6]), m + 10, p[7], m + 12, (int)m[14],
+                             static_cast<float*>(p[8]), m[15], m[16], (int)m[17], m[18], (int)m[19], (int)m[20],
+                             (int)m[21], (int)m[22], (int)m[23], (int)m[24]);
+}
+
+// ptrs: x, codes, scale, zero. meta: x_type, x strides (4), B, H, T, D, G, bits, scale_type, threads.
+int kvpack_quantize_tokens(const int64_t* m, void* const* p) {
+  return kvpack_quantize_tokens_impl(p[0], (int)m[0], m + 1, m[5], m[6], m[7], (int)m[8], (int)m[9], (int)m[10],
+                                     static_cast<uint8_t*>(p[1]), p[2], p[3], (int)m[11], (int)m[12]);
+}
+
+// ptrs: x, codes, scale, zero. meta: x_type, x strides (4), B, H, N, D, G, bits, scale_type, threads.
+int kvpack_quantize_key_groups(const int64_t* m, void* const* p) {
+  return kvpack_quantize_key_groups_impl(p[0], (int)m[0], m + 1, m[5], m[6], m[7], (int)m[8], (int)m[9],
+                                         (int)m[10], static_cast<uint8_t*>(p[1]), p[2], p[3], (int)m[11],
+                                         (int)m[12]);
+}
+
+// ptrs: x, out. meta: x row stride, rows, m, threads.
+void kvpack_pack_signs(const int64_t* m, void* const* p) {
+  kvpack_pack_signs_impl(static_cast<const float*>(p[0]), m[0], m[1], (int)m[2], static_cast<uint8_t*>(p[1]),
+                         (int)m[3]);
 }
 
 }  // extern "C"
