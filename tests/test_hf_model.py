@@ -171,14 +171,15 @@ def test_kivi4_continues_from_a_returned_cache(embedded_model, fused, reference_
 @pytest.mark.parametrize("config", method_configs())
 def test_fused_and_compat_logits_agree_on_a_long_prompt(embedded_model, config, fused_and_compat_logits):
     """600-token prompt (batch 2, one row left padded) + 50 decode steps, GQA 9/3 heads, default configs:
-    512 prompt tokens are quantized at prefill, the next 128 flush at decode step 40."""
+    512 prompt tokens are quantized at prefill, the next 128 flush at decode step 40. The prefill itself is
+    compared on the tiny model (test_hf_cache.py, chunked), which keeps this test affordable."""
     model, tokenizer = embedded_model
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(100, model.config.vocab_size - 100, (2, 600), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     input_ids[1, :37], attention_mask[1, :37] = tokenizer.pad_token_id, 0
     cache = make_cache(model, config)
-    compat, fused = fused_and_compat_logits(model, cache, input_ids, attention_mask, steps=50)
+    compat, fused = fused_and_compat_logits(model, cache, input_ids, attention_mask, steps=50, compare_prefill=False)
     assert cache.get_seq_length() == 650 and cache.layers[0].store.keys.num_groups == 640 // config.group_size
     assert cache.nbytes() < cache.fp16_nbytes()
     torch.testing.assert_close(fused, compat, atol=1e-3, rtol=1e-4)
@@ -203,9 +204,9 @@ def test_generate_accepts_a_kvpack_cache(embedded_model, method, fused, spelling
     cache = make_cache(model, method, group_size=16, residual_length=16)
     deprecated = spelling == "past_key_values"
     with pytest.warns(FutureWarning, match="past_key_values") if deprecated else contextlib.nullcontext():
-        out = model.generate(**inputs, **{spelling: cache}, max_new_tokens=24, min_new_tokens=24, do_sample=False)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 24
-    assert cache.get_seq_length() == out.shape[1] - 1
+        out = model.generate(**inputs, **{spelling: cache}, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 12
+    assert cache.get_seq_length() == out.shape[1] - 1 and cache.layers[0].store.keys.num_groups > 0
     assert cache.nbytes() == sum(layer.nbytes() for layer in cache.layers) > 0
 
 

@@ -27,13 +27,13 @@ __all__ = ["ATTENTION_NAME", "disable", "enable", "is_enabled", "kvpack_attentio
 logger = logging.getLogger(__name__)
 
 _PREVIOUS_ATTR = "_kvpack_previous_attn_implementation"
-_warned: set[str] = set()
+_logged: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
+def _log_once(level: int, message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.log(level, message)
 
 
 def kvpack_attention_forward(
@@ -64,10 +64,13 @@ def kvpack_attention_forward(
 
     Raises:
         NotImplementedError: dropout, softcap, sinks, position bias or a sliding window on the packed path.
+        TypeError: ``key`` and ``value`` are not both tensors or both handles of one store.
     """
     if not isinstance(key, KVHandle):
         if isinstance(value, KVHandle):
             raise TypeError("key is a tensor but value is a KVHandle; both must come from the same cache layer")
+        # Full-precision K/V (skipped or sliding layers, another cache, no cache): sdpa is the right path.
+        _log_once(logging.DEBUG, "kvpack attention got plain key/value tensors; running sdpa for them")
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -81,7 +84,7 @@ def kvpack_attention_forward(
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"kvpack attention does not support {name!r} on quantized layers")
     if kwargs.get("output_attentions"):
-        _warn_once("kvpack attention does not return attention weights (output_attentions is ignored)")
+        _log_once(logging.WARNING, "kvpack attention does not return attention weights (output_attentions is ignored)")
     store = key.store
     t_q = query.shape[2]
     if attention_mask is None and is_causal is False and t_q > 1:
