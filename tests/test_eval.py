@@ -465,7 +465,10 @@ def test_run_matrix_writes_every_report_file(model, tokenizer, tmp_path, monkeyp
         assert len(list(csv.DictReader(f))) == 3 * (2 + 2)  # methods x (passkey + NIAH samples)
 
     data = json.loads(files["results.json"].read_text())
-    assert set(data) == {"config", "environment", "seconds", "perplexity", "retrieval", "distortion", "memory"}
+    assert set(data) == {
+        "config", "environment", "seconds", "cpu_seconds", "perplexity", "retrieval", "distortion", "memory"
+    }
+    assert set(data["cpu_seconds"]) == set(data["seconds"]) == {"memory", "ppl", "passkey", "niah", "distortion"}
     assert data["config"]["ppl"]["prefill"] == 64
     assert data["environment"]["torch"] == torch.__version__ and data["environment"]["cores"] >= 1
     assert data["perplexity"]["fp"]["kl"] == 0.0

@@ -107,7 +107,7 @@ def run(args) -> int:
     from kvpack.eval.report import summary_table
 
     logger = logging.getLogger("kvpack.eval")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         config = resolve_config(args)
     except (ValueError, OSError) as err:
@@ -119,16 +119,22 @@ def run(args) -> int:
     env = environment()
     logger.info("methods: %s; suites: %s", ", ".join(m.label for m in config.methods), ", ".join(config.suites))
 
-    load_start = time.perf_counter()
+    load_start, load_cpu_start = time.perf_counter(), time.process_time()
     model, tokenizer = kvpack.load_model(config.model)
     if config.fused:
         kvpack.enable(model)
-    load_seconds = time.perf_counter() - load_start
+    load_seconds, load_cpu = time.perf_counter() - load_start, time.process_time() - load_cpu_start
 
     result = run_matrix(model, tokenizer, config, progress=not args.no_progress)
     result.environment = env
     result.seconds = {"load": round(load_seconds, 2), **result.seconds, "total": round(time.perf_counter() - start, 2)}
+    result.cpu_seconds = {
+        "load": round(load_cpu, 2), **result.cpu_seconds, "total": round(time.process_time() - cpu_start, 2)
+    }
     files = write_report(result, out, plots=not args.no_plots)
     print(summary_table(result))
-    print(f"\n{len(files)} files in {out}/ ({result.seconds['total']:.0f} s): {', '.join(files)}")
+    print(
+        f"\n{len(files)} files in {out}/ ({result.seconds['total']:.0f} s, {result.cpu_seconds['total']:.0f} s CPU): "
+        + ", ".join(files)
+    )
     return 0

@@ -218,7 +218,8 @@ def markdown(run: EvalRun) -> str:
             f"load average at start {env.get('load_average')}.  "
         )
     if "total" in run.seconds:
-        lines.append(f"Wall time: {run.seconds['total']:.0f} s.")
+        cpu = run.cpu_seconds.get("total")
+        lines.append(f"Wall time: {run.seconds['total']:.0f} s" + (f" ({cpu:.0f} s CPU)." if cpu is not None else "."))
     lines += ["", "## Summary", "", summary_table(run), ""]
     lines += [f"- {note}" for note in _conditions(run)]
     tasks = _tasks(run)
@@ -254,7 +255,8 @@ def markdown(run: EvalRun) -> str:
             body.append([label, f"{result.mean:.4f}", f"{result.max:.4f}", str(worst)])
         lines += ["## Attention distortion", "", _table(["method", "mean over layers", "max", "worst layer"], body), ""]
     if run.seconds:
-        lines += ["## Time", "", _table(["part", "seconds"], [[k, f"{v:.1f}"] for k, v in run.seconds.items()]), ""]
+        body = [[k, f"{v:.1f}", _fmt(run.cpu_seconds.get(k, math.nan), "{:.1f}")] for k, v in run.seconds.items()]
+        lines += ["## Time", "", _table(["part", "wall s", "CPU s"], body), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
