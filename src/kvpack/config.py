@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["MethodConfig", "SCALE_DTYPES", "check_choice", "check_positive_int"]
+__all__ = ["MethodConfig", "SCALE_DTYPES", "check_choice", "check_positive_int", "check_residual"]
 
 #: Storage dtypes for quantization scales and zeros, by name.
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -22,6 +22,16 @@ def check_choice(name: str, value: Any, allowed: tuple) -> None:
 def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_residual(group_size: Any, residual_length: Any) -> None:
+    """Validate the (G, R) pair every method shares: positive integers, R a multiple of G."""
+    check_positive_int("group_size", group_size)
+    check_positive_int("residual_length", residual_length)
+    if residual_length % group_size:
+        raise ValueError(
+            f"residual_length must be a positive multiple of group_size ({group_size}), got {residual_length}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

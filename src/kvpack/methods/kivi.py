@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from .. import kernels
-from ..config import SCALE_DTYPES, MethodConfig, check_choice, check_positive_int
+from ..config import SCALE_DTYPES, MethodConfig, check_choice, check_residual
 from ..primitives import dequantize_affine, unpack_bits
 from ..registry import register
 from .base import BlockKeyStore, CompressedLayer, QuantizedValueStore
@@ -47,13 +47,7 @@ class KIVIConfig(MethodConfig):
     def __post_init__(self) -> None:
         check_choice("key_bits", self.key_bits, KIVI_BITS)
         check_choice("value_bits", self.value_bits, KIVI_BITS)
-        check_positive_int("group_size", self.group_size)
-        check_positive_int("residual_length", self.residual_length)
-        if self.residual_length % self.group_size:
-            raise ValueError(
-                f"residual_length must be a positive multiple of group_size ({self.group_size}), "
-                f"got {self.residual_length}"
-            )
+        check_residual(self.group_size, self.residual_length)
         if self.scale_dtype is not None:
             check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
 

@@ -10,7 +10,7 @@ import struct
 import torch
 
 from .. import kernels
-from ..config import SCALE_DTYPES, MethodConfig, check_choice, check_positive_int
+from ..config import SCALE_DTYPES, MethodConfig, check_choice, check_residual
 from ..primitives import unpack_bits
 from ..registry import register
 from .base import BlockKeyStore, CompressedLayer, QuantizedValueStore
@@ -97,13 +97,7 @@ class QJLConfig(MethodConfig):
             if m_o > smallest:
                 raise ValueError(f"outlier_sketch_dim must be at most sketch_dim ({smallest}), got {m_o}")
         check_choice("value_bits", self.value_bits, QJL_VALUE_BITS)
-        check_positive_int("group_size", self.group_size)
-        check_positive_int("residual_length", self.residual_length)
-        if self.residual_length % self.group_size:
-            raise ValueError(
-                f"residual_length must be a positive multiple of group_size ({self.group_size}), "
-                f"got {self.residual_length}"
-            )
+        check_residual(self.group_size, self.residual_length)
         if not isinstance(self.orthogonal, bool):
             raise ValueError(f"orthogonal must be one of (True, False), got {self.orthogonal!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:

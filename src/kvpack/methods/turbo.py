@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from ..config import SCALE_DTYPES, MethodConfig, check_choice, check_positive_int
+from ..config import SCALE_DTYPES, MethodConfig, check_choice, check_residual
 from ..primitives import pack_bits, unpack_bits
 from ..registry import register
 from .base import BlockKeyStore, CompressedLayer, TokenValueStore
@@ -101,13 +101,7 @@ class TurboConfig(MethodConfig):
     def __post_init__(self) -> None:
         check_choice("key_bits", self.key_bits, TURBO_BITS)
         check_choice("value_bits", self.value_bits, TURBO_BITS)
-        check_positive_int("group_size", self.group_size)
-        check_positive_int("residual_length", self.residual_length)
-        if self.residual_length % self.group_size:
-            raise ValueError(
-                f"residual_length must be a positive multiple of group_size ({self.group_size}), "
-                f"got {self.residual_length}"
-            )
+        check_residual(self.group_size, self.residual_length)
         check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
