@@ -286,3 +286,13 @@ def test_bad_inputs_raise_and_store_nothing():
     unchecked = kvpack.make_layer(kvpack.KIVIConfig(check_finite=False))
     unchecked.append(bad, values)  # the check can be switched off for speed
     assert unchecked.num_tokens == 8
+
+
+def test_key_scale_overflow_raises_and_leaves_the_keys_unchanged():
+    layer = kvpack.make_layer(kvpack.KIVIConfig(group_size=32, residual_length=32))
+    keys, values = make_kv(batch=1, heads=1, tokens=32)
+    huge = keys.clone()
+    huge[0, 0, 0, 0], huge[0, 0, 1, 0] = -1e5, 1e5  # overflows a float16 zero and scale
+    with pytest.raises(ValueError, match="overflows"):
+        layer.keys.append(huge)
+    assert layer.keys.num_tokens == 0 and layer.keys.num_groups == 0

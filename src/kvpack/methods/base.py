@@ -126,11 +126,17 @@ class BlockKeyStore(abc.ABC):
 
     def append(self, keys: torch.Tensor) -> None:
         self.pending = None
+        before = self.residual.length
         self.residual.append(keys)
         n_flush = (self.residual.length // self.residual_length) * self.residual_length
         if n_flush:
             flushed = self.residual.view()[:, :, :n_flush]
-            for name, tensor in self.quantize_groups(flushed).items():
+            try:
+                quantized = self.quantize_groups(flushed)
+            except Exception:
+                self.residual.truncate(before)  # a failed flush (e.g. scale overflow) stores nothing
+                raise
+            for name, tensor in quantized.items():
                 self.groups.setdefault(name, GrowBuffer()).append(tensor)
             self.num_groups += n_flush // self.group_size
             self.residual.drop_front(n_flush)
@@ -248,11 +254,17 @@ class TokenValueStore(abc.ABC):
 
     def append(self, values: torch.Tensor) -> None:
         self.pending = None
+        before = self.window.length
         self.window.append(values)
         n_flush = self.window.length - self.residual_length
         if n_flush > 0:
             flushed = self.window.view()[:, :, :n_flush]
-            for name, tensor in self.quantize_tokens(flushed).items():
+            try:
+                quantized = self.quantize_tokens(flushed)
+            except Exception:
+                self.window.truncate(before)  # a failed flush stores nothing
+                raise
+            for name, tensor in quantized.items():
                 self.tokens.setdefault(name, GrowBuffer()).append(tensor)
             self.num_quantized += n_flush
             self.window.drop_front(n_flush)
