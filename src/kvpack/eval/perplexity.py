@@ -106,6 +106,7 @@ class DecodeReference:
             top1=1.0,
             fp_ppl=self.ppl,
             per_window_ppl=[math.exp(row.double().mean().item()) for row in self.nll],
+            per_window_kl=[0.0] * self.windows,
             seconds=self.seconds,
             reference=self,
         )
@@ -124,6 +125,7 @@ class PerplexityResult:
     top1: float
     fp_ppl: float
     per_window_ppl: list[float]
+    per_window_kl: list[float]
     seconds: float
     reference: DecodeReference | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -307,6 +309,7 @@ def perplexity(
         top1=agree.double().mean().item(),
         fp_ppl=reference.ppl,
         per_window_ppl=[math.exp(row.double().mean().item()) for row in nll],
+        per_window_kl=[row.double().mean().item() for row in kl],
         seconds=time.perf_counter() - start,
         reference=reference,
     )

@@ -61,6 +61,24 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _git_revision() -> str | None:
+    """``<commit>`` or ``<commit>+dirty`` of the kvpack checkout, None outside a git checkout."""
+    import subprocess
+
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if status else "")
+
+
 def environment() -> dict[str, Any]:
     """Versions and machine: CPU model, cores, torch threads, load average, library versions."""
     import torch
@@ -85,6 +103,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "kvpack": __version__,
+        "git": _git_revision(),
         "torch": torch.__version__,
         "transformers": _version("transformers"),
     }
