@@ -296,3 +296,51 @@ def test_key_scale_overflow_raises_and_leaves_the_keys_unchanged():
     with pytest.raises(ValueError, match="overflows"):
         layer.keys.append(huge)
     assert layer.keys.num_tokens == 0 and layer.keys.num_groups == 0
+
+
+def _snapshot(layer):
+    tensors, metadata = layer.state_dict()
+    return {name: t.clone() for name, t in tensors.items()}, metadata
+
+
+@pytest.mark.parametrize("method", kvpack.method_names())
+def test_value_failure_after_a_key_flush_stores_nothing_of_that_append(method):
+    """Keys flush a block, then the values' flush overflows float16: the layer must be exactly as before."""
+    config = kvpack.config_class(method)(group_size=8, residual_length=8)
+    keys, values = make_kv(batch=1, heads=2, tokens=24, seed=3)
+    layer = kvpack.make_layer(config)
+    layer.append(keys[:, :, :4], values[:, :, :4])
+    before = _snapshot(layer)
+    bad_values = values[:, :, 4:14].clone()
+    bad_values[:, :, 0] *= 1e6  # leaves the value window in this append: its scale overflows float16
+    with pytest.raises(ValueError, match="overflow"):
+        layer.append(keys[:, :, 4:14], bad_values)  # keys: residual 14 -> one block of 8 flushed fine
+    assert layer.num_tokens == layer.values.num_tokens == 4
+    after = _snapshot(layer)
+    assert after[1] == before[1] and after[0].keys() == before[0].keys()
+    for name in before[0]:
+        assert torch.equal(after[0][name], before[0][name]), name
+
+    # The layer goes on as if the failed call never happened.
+    layer.append(keys[:, :, 4:], values[:, :, 4:])
+    reference = kvpack.make_layer(config)
+    reference.append(keys[:, :, :4], values[:, :, :4])
+    reference.append(keys[:, :, 4:], values[:, :, 4:])
+    got, want = _snapshot(layer), _snapshot(reference)
+    assert got[1] == want[1] and got[0].keys() == want[0].keys()
+    for name in want[0]:
+        assert torch.equal(got[0][name], want[0][name]), name
+
+
+@pytest.mark.parametrize("method", kvpack.method_names())
+def test_a_failed_first_append_leaves_the_layer_empty(method):
+    config = kvpack.config_class(method)(group_size=8, residual_length=8)
+    keys, values = make_kv(batch=2, heads=2, tokens=12, seed=4)
+    values[:, :, 0] *= 1e6
+    layer = kvpack.make_layer(config)
+    with pytest.raises(ValueError, match="overflow"):
+        layer.append(keys, values)
+    assert layer.num_tokens == 0 and layer.dtype is None
+    keys, values = make_kv(batch=1, heads=2, tokens=12, seed=5)  # another batch size is fine: nothing was stored
+    layer.append(keys.half(), values.half())
+    assert layer.num_tokens == 12 and layer.dtype == torch.float16

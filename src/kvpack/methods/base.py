@@ -69,6 +69,11 @@ class GrowBuffer:
         self.start += n
         self.length -= n
 
+    def undrop_front(self, n: int) -> None:
+        """Undo ``drop_front(n)``: exact as long as nothing was appended since (the slots are untouched)."""
+        self.start -= n
+        self.length += n
+
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
 
@@ -105,6 +110,7 @@ class BlockKeyStore(abc.ABC):
         self.residual = GrowBuffer()
         self.pending: torch.Tensor | None = None  # fp copy of the groups flushed by the last append
         self.num_groups = 0
+        self._undo: tuple[int, int] | None = None  # (residual length before, tokens flushed) of the last append
 
     # --- format, defined by each method -------------------------------------------------------------
     @abc.abstractmethod
@@ -141,6 +147,25 @@ class BlockKeyStore(abc.ABC):
             self.num_groups += n_flush // self.group_size
             self.residual.drop_front(n_flush)
             self.pending = flushed  # still a live view: the residual is only compacted by the next append
+        self._undo = (before, n_flush)
+
+    def undo_append(self) -> None:
+        """Exactly undo the last :meth:`append` (the layer calls this when the value side then fails).
+
+        Appending only writes past the live residual and past the live groups, and a flush only moves the
+        residual's start, so truncating the groups and moving the start back restores every byte.
+        """
+        if self._undo is None:
+            raise RuntimeError("undo_append: no append to undo")
+        before, n_flush = self._undo
+        self._undo = self.pending = None
+        if n_flush:
+            self.num_groups -= n_flush // self.group_size
+            for buf in self.groups.values():
+                buf.truncate(self.num_groups)
+            self.groups = {name: buf for name, buf in self.groups.items() if buf.length}  # as before a first flush
+            self.residual.undrop_front(n_flush)
+        self.residual.truncate(before)
 
     def group_views(self, n_groups: int | None = None) -> dict[str, torch.Tensor]:
         n = self.num_groups if n_groups is None else n_groups
@@ -182,7 +207,7 @@ class BlockKeyStore(abc.ABC):
         Whole quantized groups past the cut are dropped; the surviving tokens of a group cut in the middle
         return to the fp residual as their reconstruction (they are quantized again when next flushed).
         """
-        self.pending = None
+        self.pending = self._undo = None
         n_quant_tokens = self.num_groups * self.group_size
         if num_tokens >= n_quant_tokens:
             self.residual.truncate(num_tokens - n_quant_tokens)
@@ -212,6 +237,7 @@ class BlockKeyStore(abc.ABC):
 
     def restore(self, tensors: dict[str, torch.Tensor], num_groups: int) -> None:
         """Load :meth:`named_buffers` contents saved by :meth:`CompressedLayer.state_dict`."""
+        self.pending = self._undo = None
         for name, tensor in tensors.items():
             buf = GrowBuffer()
             buf.append(tensor)
@@ -235,6 +261,7 @@ class TokenValueStore(abc.ABC):
         self.window = GrowBuffer()
         self.pending: torch.Tensor | None = None  # fp copy of the tokens flushed by the last append
         self.num_quantized = 0
+        self._undo: tuple[int, int] | None = None  # (window length before, tokens flushed) of the last append
 
     @abc.abstractmethod
     def quantize_tokens(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -269,6 +296,21 @@ class TokenValueStore(abc.ABC):
             self.num_quantized += n_flush
             self.window.drop_front(n_flush)
             self.pending = flushed
+        self._undo = (before, max(n_flush, 0))
+
+    def undo_append(self) -> None:
+        """Exactly undo the last :meth:`append` (see :meth:`BlockKeyStore.undo_append`)."""
+        if self._undo is None:
+            raise RuntimeError("undo_append: no append to undo")
+        before, n_flush = self._undo
+        self._undo = self.pending = None
+        if n_flush:
+            self.num_quantized -= n_flush
+            for buf in self.tokens.values():
+                buf.truncate(self.num_quantized)
+            self.tokens = {name: buf for name, buf in self.tokens.items() if buf.length}
+            self.window.undrop_front(n_flush)
+        self.window.truncate(before)
 
     def token_views(self, n: int | None = None) -> dict[str, torch.Tensor]:
         n = self.num_quantized if n is None else n
@@ -304,7 +346,7 @@ class TokenValueStore(abc.ABC):
 
     def crop(self, num_tokens: int) -> None:
         """Keep the first ``num_tokens`` tokens (per-token codes need no re-quantization)."""
-        self.pending = None
+        self.pending = self._undo = None
         if num_tokens >= self.num_quantized:
             self.window.truncate(num_tokens - self.num_quantized)
         else:
@@ -324,6 +366,7 @@ class TokenValueStore(abc.ABC):
 
     def restore(self, tensors: dict[str, torch.Tensor], num_quantized: int) -> None:
         """Load :meth:`named_buffers` contents saved by :meth:`CompressedLayer.state_dict`."""
+        self.pending = self._undo = None
         for name, tensor in tensors.items():
             buf = GrowBuffer()
             buf.append(tensor)
@@ -425,12 +468,22 @@ class CompressedLayer:
         self._check(keys, values)
         if keys.shape[2] == 0:
             return
-        if self._shape is None:
+        first = self._shape is None
+        if first:
             self._build(keys.shape[3])
             self._shape = (keys.shape[0], keys.shape[1], keys.shape[3])
             self._dtype = keys.dtype
-        self.keys.append(keys)
-        self.values.append(values)
+        try:
+            self.keys.append(keys)  # a failing store leaves itself unchanged
+            try:
+                self.values.append(values)
+            except Exception:
+                self.keys.undo_append()  # keys and values stay in step: nothing of this call is stored
+                raise
+        except Exception:
+            if first:
+                self._shape = self._dtype = None
+            raise
 
     @property
     def num_tokens(self) -> int:
@@ -570,6 +623,7 @@ class CompressedLayer:
 
     def _apply_batch(self, fn) -> None:
         self.keys.pending = self.values.pending = None
+        self.keys._undo = self.values._undo = None
         for buf in self.keys.buffers() + self.values.buffers():
             buf.apply(fn)
         if self._shape is not None:
