@@ -186,27 +186,6 @@ def _synthetic_kv(batch, tokens, seed):
     return keys, values, query
 
 
-def _quantized_cache_layer(backend: str, keys, values):
-    """A transformers QuantizedCache layer holding ``keys``/``values`` (2-bit), or raises ImportError."""
-    from transformers.cache_utils import HQQQuantizedLayer, QuantoQuantizedLayer
-
-    cls = QuantoQuantizedLayer if backend == "quanto" else HQQQuantizedLayer
-    layer = cls(nbits=2, axis_key=0, axis_value=0, q_group_size=64, residual_length=128)
-    layer.update(keys[:, :, :-1], values[:, :, :-1])  # quantizes the prompt
-    layer.update(keys[:, :, -1:], values[:, :, -1:])  # the new token stays in the fp residual
-    return layer
-
-
-def _quantized_cache_attention(layer, query):
-    """What a QuantizedCache decode step computes: dequantize everything, append the residual, SDPA."""
-    import torch
-    import torch.nn.functional as F
-
-    keys = torch.cat([layer._dequantize(layer._quantized_keys), layer.keys], dim=-2)
-    values = torch.cat([layer._dequantize(layer._quantized_values), layer.values], dim=-2)
-    return F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
-
-
 def attention_case(n_layers, batch, context, methods, repeat, seed, limits) -> list[dict]:
     """Rows of one (layers, batch, context) case; ``limit_fraction`` uses ``limits`` (refined at the end)."""
     import torch
@@ -265,16 +244,18 @@ def attention_case(n_layers, batch, context, methods, repeat, seed, limits) -> l
             variants[compat] = materialized
             bytes_read[compat] = stored + 2 * fp32_bytes  # + the dequantized cache, written then read
 
+    from kvpack.hf import runtime
+
     for backend in ("quanto", "hqq"):
         name = f"{backend}-2"
         if name not in methods:
             continue
         try:  # one layer reused n_layers times: its dequantized fp32 copy exceeds the caches anyway
-            layers = [_quantized_cache_layer(backend, keys, values)] * n_layers
+            layers = [runtime.quantized_layer(backend, keys, values)] * n_layers
         except ImportError as err:
             notes[name] = f"skipped: {err}"
             continue
-        variants[name] = lambda layers=layers: [_quantized_cache_attention(lay, query) for lay in layers]
+        variants[name] = lambda layers=layers: [runtime.quantized_layer_attention(lay, query) for lay in layers]
         bytes_read[name] = fp32_bytes * 2 // 16 + 2 * fp32_bytes  # 2-bit codes (scales not counted) + fp copy
 
     times = run_round_robin(variants, repeat)
@@ -331,36 +312,33 @@ def _cache_factories(model):
     factories["compat KIVI-2"] = (lambda: kvpack.make_cache(model, kvpack.KIVIConfig()), False)
     try:
         import optimum.quanto  # noqa: F401
-        from transformers import QuantizedCache
-
-        factories["quanto-2"] = (
-            lambda: QuantizedCache("quanto", model.config, nbits=2, q_group_size=64, residual_length=128), False
-        )
     except ImportError:
-        pass
+        return factories
+    from kvpack.hf import runtime
+
+    factories["quanto-2"] = (lambda: runtime.quantized_cache(model, "quanto", nbits=2), False)
     return factories
 
 
 def _prefilled_kv(model, context, seed):
     """Per-layer (keys, values) of a ``context``-token random prompt, batch 1, and the next token."""
     import torch
-    from transformers import DynamicCache
+
+    from kvpack.hf import runtime
 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, context), generator=gen)
-    cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        cache, logits = runtime.forward(model, ids, runtime.dynamic_cache(model), logits_to_keep=1)
     kv = [(layer.keys, layer.values) for layer in cache.layers]
-    return kv, out.logits[:, -1].argmax(-1)
+    return kv, logits[:, -1].argmax(-1)
 
 
 def _filled_cache(factory, model, kv, batch):
     """A cache of ``factory`` holding ``kv`` repeated over ``batch`` rows (or a DynamicCache)."""
-    import torch
-    from transformers import DynamicCache
+    from kvpack.hf import runtime
 
-    cache = DynamicCache(config=model.config) if factory is None else factory()
+    cache = runtime.dynamic_cache(model) if factory is None else factory()
     for idx, (k, v) in enumerate(kv):
         cache.update(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous(), idx)
     return cache
@@ -370,47 +348,22 @@ def _decode(model, cache, token, batch, steps):
     """Greedy decode ``steps`` tokens from a filled cache; seconds taken."""
     import torch
 
+    from kvpack.hf import runtime
+
     ids = token.expand(batch).reshape(batch, 1)
     start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(steps):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-            ids = out.logits[:, -1:].argmax(-1)
+            cache, logits = runtime.forward(model, ids, cache, logits_to_keep=1)
+            ids = logits[:, -1:].argmax(-1)
     return time.perf_counter() - start
-
-
-def _cache_nbytes(cache) -> int:
-    nbytes = getattr(cache, "nbytes", None)
-    if callable(nbytes):
-        return nbytes()
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if t is not None and hasattr(t, "numel"):
-                total += t.numel() * t.element_size()
-        for q in (getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None)):
-            if q is not None:
-                total += sum(t.numel() * t.element_size() for t in _qtensor_parts(q))
-    return total
-
-
-def _qtensor_parts(q):
-    import torch
-
-    if isinstance(q, torch.Tensor) and not hasattr(q, "_data"):
-        return [q]
-    parts = []
-    for attr in ("_data", "_scale", "_shift"):
-        t = getattr(q, attr, None)
-        if t is not None:
-            parts.extend(_qtensor_parts(t) if hasattr(t, "_data") else [t])
-    return parts
 
 
 def run_generate(args, model) -> list[dict]:
     import torch
 
     import kvpack
+    from kvpack.hf import runtime
 
     print(f"\n== generate: greedy decode tokens/s, {args.gen_context}-token prompt, {args.gen_tokens} new tokens ==")
     kv, token = _prefilled_kv(model, args.gen_context, args.seed)
@@ -422,7 +375,7 @@ def run_generate(args, model) -> list[dict]:
         per_sequence = None
         for batch in sorted(set(args.gen_batch)):
             cache = _filled_cache(factory, model, kv, batch)
-            nbytes = _cache_nbytes(cache)
+            nbytes = runtime.cache_nbytes(cache)
             per_sequence = nbytes / batch
             _decode(model, cache, token, batch, 1)  # warm up (the cache grows by one token)
             seconds = _decode(model, cache, token, batch, args.gen_tokens)
@@ -436,7 +389,7 @@ def run_generate(args, model) -> list[dict]:
             _decode(model, cache, token, max_batch, 1)
             seconds = _decode(model, cache, token, max_batch, args.gen_tokens)
             rows.append({"part": "generate-budget", "method": name, "batch": max_batch, "context": args.gen_context,
-                         "tokens_per_s": max_batch * args.gen_tokens / seconds, "kv_bytes": _cache_nbytes(cache),
+                         "tokens_per_s": max_batch * args.gen_tokens / seconds, "kv_bytes": runtime.cache_nbytes(cache),
                          "budget_bytes": budget})  # fmt: skip
             print(f"{name:<18} {max_batch:>5} {rows[-1]['tokens_per_s']:>9.1f} {rows[-1]['kv_bytes'] / 1e6:>9.1f}"
                   f"  <- largest batch within {args.memory_budget_gb} GB")  # fmt: skip
@@ -451,6 +404,7 @@ def run_prefill(args, model) -> list[dict]:
     import torch
 
     import kvpack
+    from kvpack.hf import runtime
 
     print("\n== prefill: batch 1 forward over the prompt, per cache; quantization = time in the layers' append ==")
     print(f"{'method':<18} {'context':>7} {'prefill ms':>11} {'quantize ms':>12} {'share':>6}")
@@ -463,11 +417,11 @@ def run_prefill(args, model) -> list[dict]:
             quantize_s = [0.0]
             best_total, best_quant = float("inf"), 0.0
             for _ in range(max(1, args.repeat // 2)):
-                cache = _filled_cache(None, model, [], 1) if factory is None else factory()
+                cache = runtime.dynamic_cache(model) if factory is None else factory()
                 _time_appends(cache, quantize_s)
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    runtime.forward(model, ids, cache, logits_to_keep=1)
                 total = time.perf_counter() - start
                 if total < best_total:
                     best_total, best_quant = total, quantize_s[0]

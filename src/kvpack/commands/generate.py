@@ -114,9 +114,8 @@ def run(args) -> int:
     import time
 
     import torch
-    from transformers import TextStreamer
 
-    from kvpack.hf import enable, load_model, make_cache
+    from kvpack.hf import enable, load_model, make_cache, runtime
 
     try:
         method_config = method_config_from_args(args)
@@ -151,11 +150,11 @@ def run(args) -> int:
     for name in ("temperature", "top_p", "top_k"):
         if getattr(args, name) is not None:
             sampling[name] = getattr(args, name)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = runtime.text_streamer(tokenizer)
     start = time.perf_counter()
     with torch.no_grad():
-        output = model.generate(
-            **inputs, cache=cache, max_new_tokens=args.max_new_tokens, streamer=streamer,
+        output = runtime.generate(
+            model, cache, **inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
             pad_token_id=tokenizer.pad_token_id, **sampling,
         )
     seconds = time.perf_counter() - start
