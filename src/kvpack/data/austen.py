@@ -24,6 +24,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from kvpack.paths import cache_root
+
 __all__ = [
     "AUSTEN_BOOKS",
     "RSymbol",
@@ -50,7 +52,6 @@ AUSTEN_BOOKS = (
 _RDB_RELPATH = Path("usr/lib/R/site-library/janeaustenr/data/Rdata.rdb")
 _SYSTEM_RDB = Path("/") / _RDB_RELPATH
 _ENV_RDB = "KVPACK_AUSTEN_RDB"
-_ENV_CACHE = "KVPACK_CACHE"
 
 # --- R serialization constants (R src/main/serialize.c, Rinternals.h) -----------------------------
 
@@ -338,7 +339,7 @@ def _install_hint(cache_root: Path) -> str:
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get(_ENV_CACHE) or Path.home() / ".cache" / "kvpack").expanduser()
+    return cache_root()
 
 
 def _resolve_candidate(path: Path) -> Path | None:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from kvpack.paths import cache_root
+
 __all__ = ["DEFAULT_MODEL_NAME", "default_gguf_path", "default_model_path", "load_model"]
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ _INSTALL_HINT = (
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    return Path(os.environ.get("KVPACK_CACHE") or Path.home() / ".cache" / "kvpack").expanduser()
+    return cache_root()
 
 
 def default_gguf_path() -> Path:
@@ -208,6 +210,22 @@ def _convert(gguf_path: Path, target: Path) -> None:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     logger.info("converted %s in %.1f s", target, time.perf_counter() - start)
+
+
+def default_model_status(cache_dir: str | os.PathLike | None = None) -> dict:
+    """Where the default model comes from and whether it is converted yet; never converts anything.
+
+    Returns:
+        ``{"gguf": Path or None, "gguf_error": str or None, "converted": Path, "ready": bool}``: the
+        embedded GGUF file (or why it is missing), the safetensors folder, and whether that folder holds a
+        finished conversion (of this GGUF file, when it is installed) that loads without converting.
+    """
+    target = _cache_root(cache_dir) / DEFAULT_MODEL_NAME
+    try:
+        gguf_path, error = default_gguf_path(), None
+    except ImportError as err:
+        gguf_path, error = None, str(err)
+    return {"gguf": gguf_path, "gguf_error": error, "converted": target, "ready": _is_complete(target, gguf_path)}
 
 
 def default_model_path(cache_dir: str | os.PathLike | None = None) -> Path:

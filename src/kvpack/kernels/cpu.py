@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from kvpack.paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -55,8 +57,7 @@ _error: str | None = None
 
 def cache_dir() -> Path:
     """Where built libraries are kept: ``$KVPACK_CACHE/kernels`` (default ``~/.cache/kvpack/kernels``)."""
-    root = os.environ.get("KVPACK_CACHE") or Path.home() / ".cache" / "kvpack"
-    return Path(root).expanduser() / "kernels"
+    return cache_root() / "kernels"
 
 
 def _compiler() -> str | None:
