@@ -344,3 +344,28 @@ def test_a_failed_first_append_leaves_the_layer_empty(method):
     keys, values = make_kv(batch=1, heads=2, tokens=12, seed=5)  # another batch size is fine: nothing was stored
     layer.append(keys.half(), values.half())
     assert layer.num_tokens == 12 and layer.dtype == torch.float16
+
+
+@pytest.mark.parametrize("method", kvpack.method_names())
+@pytest.mark.parametrize("mask_kind", ["causal", "bool", "additive"])
+def test_many_query_rows_take_sdpa_over_the_materialized_store_with_the_same_answer(method, mask_kind, monkeypatch):
+    """Prefill-sized queries run SDPA over materialize(); it must agree with the packed path, masks included."""
+    from kvpack.methods import base
+
+    config = kvpack.config_class(method)(group_size=8, residual_length=16)
+    keys, values = make_kv(batch=2, heads=2, tokens=90, seed=6)
+    layer = kvpack.make_layer(config)
+    layer.append(keys[:, :, :50], values[:, :, :50])  # quantized history
+    layer.append(keys[:, :, 50:], values[:, :, 50:])  # a 40-token chunk: flushes, so pending fp is read too
+    query = torch.randn(2, 6, 40, 64, generator=torch.Generator().manual_seed(7))
+    mask = None
+    if mask_kind != "causal":
+        allowed = torch.rand(2, 1, 40, 90, generator=torch.Generator().manual_seed(8)) > 0.3
+        allowed[1, 0, 5] = False  # a row with nothing to attend to: zero on both paths
+        mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    fast = layer.attend(query, attention_mask=mask)
+    monkeypatch.setattr(base, "SDPA_MIN_QUERIES", 10**9)
+    packed = layer.attend(query, attention_mask=mask)
+    torch.testing.assert_close(fast, packed, atol=2e-5, rtol=1e-4)
+    if mask is not None:
+        assert torch.equal(fast[1, :, 5], torch.zeros_like(fast[1, :, 5]))

@@ -27,6 +27,10 @@ from ..config import MethodConfig
 __all__ = ["GrowBuffer", "BlockKeyStore", "TokenValueStore", "QuantizedValueStore", "CompressedLayer"]
 
 _GROWTH = 1.5
+#: ``attend`` with at least this many query rows (prefill, chunked prefill) dequantizes the store once and
+#: runs torch's fused SDPA: the dequantization is O(T) against the O(T_q * T) attention, and SDPA never
+#: builds the (T_q, T) score matrix. Decode (1 row) and short speculative drafts read the packed codes.
+SDPA_MIN_QUERIES = 16
 
 
 class GrowBuffer:
@@ -544,6 +548,8 @@ class CompressedLayer:
         """
         batch, heads_q, t_q, dim = query.shape
         scale = dim**-0.5 if scale is None else scale
+        if t_q >= SDPA_MIN_QUERIES:
+            return self._attend_materialized(query, scale, attention_mask)
         scores = self.scores(query) * scale  # (B, H_q, T_q, T)
         total = scores.shape[-1]
         if attention_mask is not None:
@@ -562,6 +568,28 @@ class CompressedLayer:
         heads_kv = self._shape[1]
         out = self.values.weighted_sum(probs.reshape(batch, heads_kv, -1, total))  # (B, H_kv, rep*T_q, D)
         return out.reshape(batch, heads_q, t_q, dim).to(query.dtype)
+
+    def _attend_materialized(self, query: torch.Tensor, scale: float, attention_mask: torch.Tensor | None):
+        """:meth:`attend` for many query rows: SDPA (float32) over :meth:`materialize`'s K/V, same masks."""
+        self._group_query(query)  # shape checks, as the packed path makes them
+        keys, values = (x.float() for x in self.materialize())
+        t_q, total = query.shape[2], keys.shape[2]
+        mask, causal = None, False
+        if attention_mask is not None:
+            mask = attention_mask[..., -total:]
+            mask = mask if mask.dtype == torch.bool else mask.float()
+        elif t_q > total:
+            raise ValueError(f"{t_q} queries but only {total} tokens stored")
+        elif t_q == total:
+            causal = True
+        else:  # the queries are the last t_q positions
+            mask = torch.ones(t_q, total, dtype=torch.bool, device=query.device).tril(total - t_q)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.float(), keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+        )
+        if attention_mask is not None:
+            out = out.nan_to_num(0.0)  # rows with nothing to attend to are zero, as on the packed path
+        return out.to(query.dtype)
 
     def nbytes(self, allocated: bool = False) -> int:
         """Bytes held: codes, scales, zeros, fp residual and window, metadata.
