@@ -29,6 +29,8 @@ __all__ = [
     "kivi_key_scores",
     "value_weighted_sum",
     "qjl_key_scores",
+    "turbo_key_scores",
+    "turbo_weighted_sum",
     "quantize_pack_tokens",
     "quantize_pack_key_groups",
     "pack_signs",
@@ -124,6 +126,22 @@ def qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs, outl
     if fast is not None:
         return fast(*args)
     return reference.qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms)
+
+
+def turbo_key_scores(query_rotated, codes, scale, codebook, bits):
+    """See :func:`kvpack.kernels.reference.turbo_key_scores`."""
+    fast = _fast("turbo_key_scores", query_rotated, codes, scale, codebook, bits)
+    if fast is not None:
+        return fast(query_rotated, codes, scale, codebook, bits)
+    return reference.turbo_key_scores(query_rotated, codes, scale, codebook, bits)
+
+
+def turbo_weighted_sum(weights, codes, scale, codebook, bits):
+    """See :func:`kvpack.kernels.reference.turbo_weighted_sum`."""
+    fast = _fast("turbo_weighted_sum", weights, codes, scale, codebook, bits)
+    if fast is not None:
+        return fast(weights, codes, scale, codebook, bits)
+    return reference.turbo_weighted_sum(weights, codes, scale, codebook, bits)
 
 
 def quantize_pack_tokens(values, bits, group_size, scale_dtype=None):

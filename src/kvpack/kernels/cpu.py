@@ -37,6 +37,8 @@ __all__ = [
     "kivi_key_scores",
     "value_weighted_sum",
     "qjl_key_scores",
+    "turbo_key_scores",
+    "turbo_weighted_sum",
     "quantize_pack_tokens",
     "quantize_pack_key_groups",
     "pack_signs",
@@ -45,10 +47,11 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kvpack_cpu.cpp"
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC"]
 _BITS = (2, 4, 8)
 _SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_QUANT_BITS = (1, 2, 4, 8)  # turbo and the quantize/pack kernels
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -102,6 +105,8 @@ _ENTRY_POINTS = {  # name -> return type; each takes (const int64_t* meta, void*
     "kvpack_quantize_tokens": ctypes.c_int,
     "kvpack_quantize_key_groups": ctypes.c_int,
     "kvpack_pack_signs": None,
+    "kvpack_turbo_key_scores": None,
+    "kvpack_turbo_weighted_sum": None,
 }
 
 
@@ -179,6 +184,24 @@ def _common_unsupported(codes, scale, zero, bits, group_size) -> str | None:
     return None
 
 
+def _turbo_unsupported(kernel, rows, codes, scale, codebook, bits) -> str | None:
+    if bits not in _QUANT_BITS:
+        return f"bits={bits} (fast turbo kernels take {_QUANT_BITS})"
+    if codes.device.type != "cpu":
+        return f"device {codes.device.type} (fast kernels run on CPU)"
+    if codes.dtype != torch.uint8:
+        return f"codes dtype {codes.dtype}"
+    if scale.dtype not in _SCALE_TYPES:
+        return f"scale dtype {scale.dtype} (fast kernels take float32, float16, bfloat16)"
+    if rows.dtype != torch.float32 or codebook.dtype != torch.float32:
+        return f"query/weights and codebook dtypes {rows.dtype}/{codebook.dtype} (expected float32)"
+    if codebook.shape != (2**bits,):
+        return f"codebook shape {tuple(codebook.shape)} (expected ({2**bits},))"
+    if kernel == "turbo_key_scores" and rows.shape[-1] * bits != codes.shape[-1] * 8:
+        return f"head_dim {rows.shape[-1]} at {bits} bits does not fill the {codes.shape[-1]} code bytes"
+    return None
+
+
 def unsupported(kernel: str, *args) -> str | None:
     """Why ``kernel`` cannot run on these arguments here, or ``None``."""
     if kernel == "kivi_key_scores":
@@ -207,6 +230,9 @@ def unsupported(kernel: str, *args) -> str | None:
         if sketch.shape[0] != signs.shape[-1] * 8 or sketch.shape[0] < outlier_signs.shape[-1] * 8:
             return f"sketch rows {sketch.shape[0]} do not match the {signs.shape[-1] * 8} sign bits"
         return None
+    if kernel in ("turbo_key_scores", "turbo_weighted_sum"):
+        rows, codes, scale, codebook, bits = args
+        return _turbo_unsupported(kernel, rows, codes, scale, codebook, bits)
     if kernel in ("quantize_pack_tokens", "quantize_pack_key_groups"):
         x, bits, group_size, scale_dtype = args
         if x.device.type != "cpu":
@@ -296,7 +322,43 @@ def qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs, outl
     return out
 
 
-_QUANT_BITS = (1, 2, 4, 8)
+def _turbo_inputs(codes, scale, codebook):
+    """Codes and scale with a unit last stride (the batch/head/token strides travel in ``meta``)."""
+    if codes.stride(-1) != 1:
+        codes = codes.contiguous()
+    return codes, scale, codebook.contiguous()
+
+
+def turbo_key_scores(query_rotated, codes, scale, codebook, bits):
+    """Fused :func:`kvpack.kernels.reference.turbo_key_scores` (same arguments and result)."""
+    batch, heads, rows, dim = query_rotated.shape
+    tokens = codes.shape[2]
+    if query_rotated.stride(-1) != 1:
+        query_rotated = query_rotated.contiguous()
+    codes, scale, codebook = _turbo_inputs(codes, scale, codebook)
+    out = torch.empty(batch, heads, rows, tokens, dtype=torch.float32)
+    if out.numel() == 0:
+        return out.zero_()
+    meta = [*query_rotated.stride(), *codes.stride()[:3], *scale.stride(), _SCALE_TYPES[scale.dtype],
+            batch, heads, rows, tokens, dim, bits, torch.get_num_threads()]  # fmt: skip
+    _call("kvpack_turbo_key_scores", meta, [query_rotated, codes, scale, codebook, out])
+    return out
+
+
+def turbo_weighted_sum(weights, codes, scale, codebook, bits):
+    """Fused :func:`kvpack.kernels.reference.turbo_weighted_sum` (same arguments and result)."""
+    batch, heads, rows, tokens = weights.shape
+    dim = codes.shape[-1] * 8 // bits
+    if weights.stride(-1) != 1:
+        weights = weights.contiguous()
+    codes, scale, codebook = _turbo_inputs(codes, scale, codebook)
+    out = torch.empty(batch, heads, rows, dim, dtype=torch.float32)
+    if tokens == 0 or out.numel() == 0:
+        return out.zero_()
+    meta = [*weights.stride(), *codes.stride()[:3], *scale.stride(), _SCALE_TYPES[scale.dtype],
+            batch, heads, rows, tokens, dim, bits, torch.get_num_threads()]  # fmt: skip
+    _call("kvpack_turbo_weighted_sum", meta, [weights, codes, scale, codebook, out])
+    return out
 
 
 def quantize_pack_tokens(values, bits, group_size, scale_dtype=None):

@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from .. import kernels
 from ..config import SCALE_DTYPES, MethodConfig, check_choice, check_residual
 from ..primitives import pack_bits, unpack_bits
 from ..registry import register
@@ -165,10 +166,12 @@ class TurboKeyStore(BlockKeyStore):
         }
 
     def group_scores(self, query, groups):
-        batch, heads, n, group, _ = groups["codes"].shape
-        keys_rotated = self.codec.decode_rotated(groups["codes"], groups["scale"])  # (B, H, N, G, D)
-        query_rotated = query @ self.codec.rotation.T  # (B, H, M, D)
-        return query_rotated @ keys_rotated.reshape(batch, heads, n * group, -1).transpose(-1, -2)
+        codec = self.codec
+        codec.to(query.device)
+        codes = groups["codes"].flatten(2, 3)  # (B, H, N * G, D * bits / 8): a view of the grow buffer
+        scale = groups["scale"].flatten(2, 3)  # (B, H, N * G)
+        query_rotated = query @ codec.rotation.T  # (B, H, M, D), rotated once per step
+        return kernels.turbo_key_scores(query_rotated, codes, scale, codec.codebook, codec.bits)
 
     def dequantize_groups(self, groups):
         batch, heads, n, group, _ = groups["codes"].shape
@@ -187,8 +190,10 @@ class TurboValueStore(TokenValueStore):
         return {"codes": codes, "scale": scale}
 
     def token_weighted_sum(self, weights, tokens):
-        values_rotated = self.codec.decode_rotated(tokens["codes"], tokens["scale"])  # (B, H, T, D)
-        return (weights @ values_rotated) @ self.codec.rotation  # rotate back once per query row
+        codec = self.codec
+        codec.to(weights.device)
+        out_rotated = kernels.turbo_weighted_sum(weights, tokens["codes"], tokens["scale"], codec.codebook, codec.bits)
+        return out_rotated @ codec.rotation  # (B, H, M, D): rotate back once per query row
 
     def dequantize_tokens(self, tokens):
         return self.codec.decode(tokens["codes"], tokens["scale"])
