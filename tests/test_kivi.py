@@ -304,17 +304,18 @@ def _snapshot(layer):
 
 
 @pytest.mark.parametrize("method", kvpack.method_names())
-def test_value_failure_after_a_key_flush_stores_nothing_of_that_append(method):
+@pytest.mark.parametrize("chunk", [10, 200])  # 200: the key residual's prompt-sized storage is also replaced
+def test_value_failure_after_a_key_flush_stores_nothing_of_that_append(method, chunk):
     """Keys flush a block, then the values' flush overflows float16: the layer must be exactly as before."""
     config = kvpack.config_class(method)(group_size=8, residual_length=8)
-    keys, values = make_kv(batch=1, heads=2, tokens=24, seed=3)
+    keys, values = make_kv(batch=1, heads=2, tokens=4 + chunk + 10, seed=3)
     layer = kvpack.make_layer(config)
     layer.append(keys[:, :, :4], values[:, :, :4])
     before = _snapshot(layer)
-    bad_values = values[:, :, 4:14].clone()
+    bad_values = values[:, :, 4 : 4 + chunk].clone()
     bad_values[:, :, 0] *= 1e6  # leaves the value window in this append: its scale overflows float16
     with pytest.raises(ValueError, match="overflow"):
-        layer.append(keys[:, :, 4:14], bad_values)  # keys: residual 14 -> one block of 8 flushed fine
+        layer.append(keys[:, :, 4 : 4 + chunk], bad_values)  # keys: whole blocks of 8 flushed fine
     assert layer.num_tokens == layer.values.num_tokens == 4
     after = _snapshot(layer)
     assert after[1] == before[1] and after[0].keys() == before[0].keys()
@@ -369,3 +370,20 @@ def test_many_query_rows_take_sdpa_over_the_materialized_store_with_the_same_ans
     torch.testing.assert_close(fast, packed, atol=2e-5, rtol=1e-4)
     if mask is not None:
         assert torch.equal(fast[1, :, 5], torch.zeros_like(fast[1, :, 5]))
+
+
+@pytest.mark.parametrize("method", kvpack.method_names())
+def test_a_long_prompt_leaves_no_prompt_sized_fp_buffers(method):
+    """After a 2048-token prompt the fp residual/window hold < 2 R + 16 slots, not 2048 (memory is the point)."""
+    config = kvpack.config_class(method)(group_size=32, residual_length=128)
+    keys, values = make_kv(batch=2, heads=3, tokens=2048 + 300, seed=9)
+    layer = kvpack.make_layer(config)
+    layer.append(keys[:, :, :2000], values[:, :, :2000])  # 2000 = 15 * 128 + 80: 80 keys stay in fp
+    out = layer.attend(torch.randn(2, 6, 1, 64))  # the flush step still reads the flushed tokens in fp
+    assert torch.isfinite(out).all()
+    for buf in (layer.keys.residual, layer.values.window):
+        assert buf.data.shape[2] <= 2 * 128 + 16, buf.data.shape
+    for t in range(2000, 2348):  # decode: in-place compaction, no regrowth past the bound
+        layer.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+        for buf in (layer.keys.residual, layer.values.window):
+            assert buf.data.shape[2] <= 2 * 128 + 16, (t, buf.data.shape)

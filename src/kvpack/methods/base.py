@@ -69,12 +69,30 @@ class GrowBuffer:
         self.data[:, :, end : end + n] = x
         self.length += n
 
-    def drop_front(self, n: int) -> None:
+    def drop_front(self, n: int, keep_capacity: int | None = None) -> tuple[torch.Tensor, int] | None:
+        """Drop the ``n`` oldest slots.
+
+        With ``keep_capacity``, storage of more than twice that many slots (a prompt-sized first append)
+        is replaced by a copy of the live slots with ``keep_capacity`` slots of room. The old storage is not
+        modified (views of it stay valid); it is returned as ``(data, start)`` for :meth:`undrop_front`,
+        else None.
+        """
         self.start += n
         self.length -= n
+        if keep_capacity is None or self.data.shape[2] <= 2 * max(keep_capacity, self.length):
+            return None
+        replaced = (self.data, self.start)
+        capacity = max(keep_capacity, self.length)
+        live = self.view()
+        self.data = live.new_empty(live.shape[:2] + (capacity,) + live.shape[3:])
+        self.data[:, :, : self.length] = live
+        self.start = 0
+        return replaced
 
-    def undrop_front(self, n: int) -> None:
-        """Undo ``drop_front(n)``: exact as long as nothing was appended since (the slots are untouched)."""
+    def undrop_front(self, n: int, replaced: tuple[torch.Tensor, int] | None = None) -> None:
+        """Undo ``drop_front(n)`` (given what it returned): exact as long as nothing was appended since."""
+        if replaced is not None:
+            self.data, self.start = replaced
         self.start -= n
         self.length += n
 
@@ -114,7 +132,7 @@ class BlockKeyStore(abc.ABC):
         self.residual = GrowBuffer()
         self.pending: torch.Tensor | None = None  # fp copy of the groups flushed by the last append
         self.num_groups = 0
-        self._undo: tuple[int, int] | None = None  # (residual length before, tokens flushed) of the last append
+        self._undo: tuple | None = None  # (residual length before, tokens flushed, replaced storage) of the last append
 
     # --- format, defined by each method -------------------------------------------------------------
     @abc.abstractmethod
@@ -149,9 +167,12 @@ class BlockKeyStore(abc.ABC):
             for name, tensor in quantized.items():
                 self.groups.setdefault(name, GrowBuffer()).append(tensor)
             self.num_groups += n_flush // self.group_size
-            self.residual.drop_front(n_flush)
-            self.pending = flushed  # still a live view: the residual is only compacted by the next append
-        self._undo = (before, n_flush)
+            # A prompt leaves < R keys in a prompt-sized buffer: shrink it (room for in-place compaction).
+            replaced = self.residual.drop_front(n_flush, keep_capacity=2 * self.residual_length + 16)
+            self.pending = flushed  # a live view: neither compaction nor shrinking touches it before the next append
+        else:
+            replaced = None
+        self._undo = (before, n_flush, replaced)
 
     def undo_append(self) -> None:
         """Exactly undo the last :meth:`append` (the layer calls this when the value side then fails).
@@ -161,14 +182,14 @@ class BlockKeyStore(abc.ABC):
         """
         if self._undo is None:
             raise RuntimeError("undo_append: no append to undo")
-        before, n_flush = self._undo
+        before, n_flush, replaced = self._undo
         self._undo = self.pending = None
         if n_flush:
             self.num_groups -= n_flush // self.group_size
             for buf in self.groups.values():
                 buf.truncate(self.num_groups)
             self.groups = {name: buf for name, buf in self.groups.items() if buf.length}  # as before a first flush
-            self.residual.undrop_front(n_flush)
+            self.residual.undrop_front(n_flush, replaced)
         self.residual.truncate(before)
 
     def group_views(self, n_groups: int | None = None) -> dict[str, torch.Tensor]:
@@ -265,7 +286,7 @@ class TokenValueStore(abc.ABC):
         self.window = GrowBuffer()
         self.pending: torch.Tensor | None = None  # fp copy of the tokens flushed by the last append
         self.num_quantized = 0
-        self._undo: tuple[int, int] | None = None  # (window length before, tokens flushed) of the last append
+        self._undo: tuple | None = None  # (window length before, tokens flushed, replaced storage) of the last append
 
     @abc.abstractmethod
     def quantize_tokens(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -298,22 +319,25 @@ class TokenValueStore(abc.ABC):
             for name, tensor in quantized.items():
                 self.tokens.setdefault(name, GrowBuffer()).append(tensor)
             self.num_quantized += n_flush
-            self.window.drop_front(n_flush)
+            # room for R + one step; a prompt-sized buffer is replaced (see BlockKeyStore.append)
+            replaced = self.window.drop_front(n_flush, keep_capacity=2 * self.residual_length + 16)
             self.pending = flushed
-        self._undo = (before, max(n_flush, 0))
+        else:
+            replaced = None
+        self._undo = (before, max(n_flush, 0), replaced)
 
     def undo_append(self) -> None:
         """Exactly undo the last :meth:`append` (see :meth:`BlockKeyStore.undo_append`)."""
         if self._undo is None:
             raise RuntimeError("undo_append: no append to undo")
-        before, n_flush = self._undo
+        before, n_flush, replaced = self._undo
         self._undo = self.pending = None
         if n_flush:
             self.num_quantized -= n_flush
             for buf in self.tokens.values():
                 buf.truncate(self.num_quantized)
             self.tokens = {name: buf for name, buf in self.tokens.items() if buf.length}
-            self.window.undrop_front(n_flush)
+            self.window.undrop_front(n_flush, replaced)
         self.window.truncate(before)
 
     def token_views(self, n: int | None = None) -> dict[str, torch.Tensor]:
