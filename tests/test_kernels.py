@@ -6,13 +6,15 @@ computation of the same dequantized math) plus a small atol; quantize/pack kerne
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
 import torch
 
-from kvpack import KIVIConfig, QJLConfig, kernels, make_layer
+from kvpack import KIVIConfig, QJLConfig, TurboConfig, kernels, make_layer
 from kvpack.kernels import cpu, reference
+from kvpack.methods.turbo import _Codec, random_rotation
 from kvpack.primitives import dequantize_affine, pack_bits, quantize_affine, unpack_bits
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -179,6 +181,105 @@ def test_qjl_key_scores_matches_reference(config, dim):
         assert_close_to_exact(cpu.qjl_key_scores(*args), reference.qjl_key_scores(*args), qjl_exact(*args))
 
 
+# --- turbo (rotated codebook) -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def turbo_codec(bits, dim, scale_dtype):
+    return _Codec(bits, random_rotation(dim, seed=2, layer_idx=0), scale_dtype)
+
+
+def turbo_tokens(batch, heads, tokens, dim, bits, scale_dtype, seed=2):
+    """Codes, scales and codebook of random tokens encoded as TurboLayer stores them, as strided views."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, heads, tokens, dim, generator=gen)
+    x = x * (0.5 + torch.rand(batch, heads, tokens, 1, generator=gen))  # token norms vary
+    x[..., :2] *= 4  # outlier channels (the rotation spreads them)
+    codec = turbo_codec(bits, dim, scale_dtype)
+    codes, scale = codec.encode(x)
+    return strided(codes), strided(scale), codec.codebook
+
+
+def turbo_exact(codes, scale, codebook, bits):
+    """The rotated reconstructions ``scale_t * codebook[code_{t,d}]`` in float64, (B, H, T, D)."""
+    return codebook.double()[unpack_bits(codes, bits).long()] * scale.double().unsqueeze(-1)
+
+
+# (batch, kv heads, tokens, head_dim), easy to hard; token counts are odd on purpose. head_dim 40 packs into
+# 5 or 10 bytes at 1 or 2 bits: the kernels' paths for rows that are not whole 8-byte vectors.
+TURBO_SHAPES = [(1, 1, 1, 64), (2, 3, 37, 64), (1, 2, 129, 128), (2, 2, 19, 40), (1, 3, 701, 128)]
+
+
+@pytest.mark.parametrize("bits", (1, 2, 4, 8))
+@pytest.mark.parametrize("shape", TURBO_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES, ids=str)
+def test_turbo_kernels_match_reference(bits, shape, scale_dtype):
+    batch, heads, tokens, dim = shape
+    if dim * bits % 8:
+        pytest.skip("codes must fill whole bytes")
+    codes, scale, codebook = turbo_tokens(batch, heads, tokens, dim, bits, scale_dtype)
+    exact_values = turbo_exact(codes, scale, codebook, bits)  # (B, H, T, D)
+    for rows in ROWS:
+        query = torch.randn(batch, heads, rows + 2, dim)[:, :, 1:-1]  # a strided view of rotated queries
+        exact = query.double() @ exact_values.transpose(-1, -2)
+        ref = reference.turbo_key_scores(query, codes, scale, codebook, bits)
+        fast = cpu.turbo_key_scores(query, codes, scale, codebook, bits)
+        assert_close_to_exact(fast, ref, exact)
+        weights = torch.softmax(torch.randn(batch, heads, rows, tokens + 5), dim=-1)[..., :tokens]
+        exact = weights.double() @ exact_values
+        ref = reference.turbo_weighted_sum(weights, codes, scale, codebook, bits)
+        fast = cpu.turbo_weighted_sum(weights, codes, scale, codebook, bits)
+        assert_close_to_exact(fast, ref, exact)
+
+
+@pytest.mark.parametrize("bits", (2, 4))
+def test_turbo_parallel_paths_match_reference(bits):
+    """Token segments: the key kernel splits long caches across threads, the value kernel also reduces."""
+    codes, scale, codebook = turbo_tokens(1, 1, 5001, 64, bits, torch.float16)
+    exact_values = turbo_exact(codes, scale, codebook, bits)
+    query = torch.randn(1, 1, 3, 64)
+    weights = torch.softmax(torch.randn(1, 1, 3, 5001) * 3, dim=-1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # segments are only made for more than one thread
+    try:
+        fast_scores = cpu.turbo_key_scores(query, codes, scale, codebook, bits)
+        fast_sum = cpu.turbo_weighted_sum(weights, codes, scale, codebook, bits)
+    finally:
+        torch.set_num_threads(threads)
+    ref = reference.turbo_key_scores(query, codes, scale, codebook, bits)
+    assert_close_to_exact(fast_scores, ref, query.double() @ exact_values.transpose(-1, -2))
+    ref = reference.turbo_weighted_sum(weights, codes, scale, codebook, bits)
+    assert_close_to_exact(fast_sum, ref, weights.double() @ exact_values)
+
+
+def test_turbo_empty_and_mismatched_inputs():
+    codes, scale, codebook = turbo_tokens(1, 2, 4, 64, 2, torch.float16)
+    scores = cpu.turbo_key_scores(torch.randn(1, 2, 3, 64), codes[:, :, :0], scale[:, :, :0], codebook, 2)
+    assert scores.shape == (1, 2, 3, 0)
+    out = cpu.turbo_weighted_sum(torch.ones(1, 2, 3, 0), codes[:, :, :0], scale[:, :, :0], codebook, 2)
+    assert torch.equal(out, torch.zeros(1, 2, 3, 64))
+    with pytest.raises(ValueError, match="do not match"):  # the kernel would read past the 4 tokens
+        cpu.turbo_weighted_sum(torch.ones(1, 2, 3, 5), codes, scale, codebook, 2)
+    with pytest.raises(ValueError, match="do not match"):
+        cpu.turbo_key_scores(torch.randn(1, 2, 3, 64), codes, scale[:, :, :3], codebook, 2)
+
+
+def test_turbo_unsupported_input_falls_back_and_logs_once(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.delenv("KVPACK_KERNELS", raising=False)
+    codes, scale, codebook = turbo_tokens(1, 2, 9, 64, 2, torch.float32)
+    scale = scale.double()  # no fast kernel for float64 scales
+    query = torch.randn(1, 2, 3, 64)
+    with caplog.at_level(logging.WARNING, logger="kvpack.kernels"):
+        first = kernels.turbo_key_scores(query, codes, scale, codebook, 2)
+        second = kernels.turbo_key_scores(query, codes, scale, codebook, 2)
+    warnings = [r for r in caplog.records if r.name == "kvpack.kernels"]
+    assert len(warnings) == 1 and "float64" in warnings[0].getMessage()
+    assert torch.equal(first, reference.turbo_key_scores(query, codes, scale, codebook, 2))
+    assert torch.equal(first, second)
+    weights = torch.softmax(torch.randn(1, 2, 3, 9), -1)
+    with kernels.use("fast"), pytest.raises(kernels.KernelUnavailableError, match="float64"):
+        kernels.turbo_weighted_sum(weights, codes, scale, codebook, 2)
+
+
 # --- quantize and pack (flush): bit for bit ------------------------------------------------------------
 def assert_identical(got, want):
     for g, w in zip(got, want, strict=True):
@@ -257,6 +358,20 @@ def test_kivi_layer_state_is_identical_with_fast_flush():
 )
 @pytest.mark.parametrize("q_heads", (3, 9))
 def test_kivi_layer_attend_fast_matches_reference(config, q_heads):
+    check_attend_fast_matches_reference(config, q_heads)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TurboConfig(residual_length=64),
+        TurboConfig(key_bits=4, value_bits=1, scale_dtype="bfloat16", residual_length=32),
+        TurboConfig(key_bits=1, value_bits=8, scale_dtype="float32", group_size=16, residual_length=32),
+    ],
+    ids=("turbo2", "turbo4-1-bf16", "turbo1-8-g16-f32"),
+)
+@pytest.mark.parametrize("q_heads", (3, 9))
+def test_turbo_layer_attend_fast_matches_reference(config, q_heads):
     check_attend_fast_matches_reference(config, q_heads)
 
 
@@ -404,8 +519,12 @@ def assert_same_generation(got, want, near_tie):
 
 @pytest.mark.parametrize(
     "config",
-    [KIVIConfig(group_size=16, residual_length=16), QJLConfig(group_size=16, residual_length=16, outlier_channels=2)],
-    ids=("kivi2", "qjl"),
+    [
+        KIVIConfig(group_size=16, residual_length=16),
+        QJLConfig(group_size=16, residual_length=16, outlier_channels=2),
+        TurboConfig(group_size=16, residual_length=16),
+    ],
+    ids=("kivi2", "qjl", "turbo2"),
 )
 def test_fused_generate_same_tokens_with_fast_and_reference_kernels(tiny_llama, config):
     from kvpack.hf import enable

@@ -322,11 +322,20 @@ def qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs, outl
     return out
 
 
-def _turbo_inputs(codes, scale, codebook):
-    """Codes and scale with a unit last stride (the batch/head/token strides travel in ``meta``)."""
-    if codes.stride(-1) != 1:
-        codes = codes.contiguous()
-    return codes, scale, codebook.contiguous()
+def _turbo_inputs(rows, codes, scale, codebook, tokens):
+    """Checks the shapes the kernel trusts (it reads raw memory); returns the codes with a unit last stride
+    (their batch/head/token strides, and all of scale's, travel in ``meta``) and a contiguous codebook.
+
+    Raises:
+        ValueError: ``rows`` (query or weights), codes and scale disagree on batch, heads or tokens.
+    """
+    batch, heads = rows.shape[:2]
+    if codes.shape[:3] != (batch, heads, tokens) or scale.shape != (batch, heads, tokens):
+        raise ValueError(
+            f"codes {tuple(codes.shape)} and scale {tuple(scale.shape)} do not match {batch} batch, {heads} heads "
+            f"and {tokens} tokens"
+        )
+    return codes if codes.stride(-1) == 1 else codes.contiguous(), codebook.contiguous()
 
 
 def turbo_key_scores(query_rotated, codes, scale, codebook, bits):
@@ -335,7 +344,7 @@ def turbo_key_scores(query_rotated, codes, scale, codebook, bits):
     tokens = codes.shape[2]
     if query_rotated.stride(-1) != 1:
         query_rotated = query_rotated.contiguous()
-    codes, scale, codebook = _turbo_inputs(codes, scale, codebook)
+    codes, codebook = _turbo_inputs(query_rotated, codes, scale, codebook, tokens)
     out = torch.empty(batch, heads, rows, tokens, dtype=torch.float32)
     if out.numel() == 0:
         return out.zero_()
@@ -351,7 +360,7 @@ def turbo_weighted_sum(weights, codes, scale, codebook, bits):
     dim = codes.shape[-1] * 8 // bits
     if weights.stride(-1) != 1:
         weights = weights.contiguous()
-    codes, scale, codebook = _turbo_inputs(codes, scale, codebook)
+    codes, codebook = _turbo_inputs(weights, codes, scale, codebook, tokens)
     out = torch.empty(batch, heads, rows, dim, dtype=torch.float32)
     if tokens == 0 or out.numel() == 0:
         return out.zero_()

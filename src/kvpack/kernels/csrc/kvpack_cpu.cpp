@@ -13,6 +13,8 @@
 // Each code is dequantized once (fma(code, scale, zero), as the reference does) and then shared by all
 // query rows. Factoring the zero point out (sum q (c s + z) = sum (q s) c + sum q z) saves that FMA but
 // adds cancellation error beyond 2x the reference's, so it is not done.
+// The turbo (rotated codebook) kernels have no zero point and one scale per token: keys use per-query
+// lookup tables over packed bytes, values the same bit-plane loop with a codebook permute (see their section).
 
 #include <algorithm>
 #include <cmath>
@@ -441,38 +443,14 @@ void qjl_rows(const float* query, int64_t q_row, const float* sketched, int64_t 
 // a token's score is s_t * sum_{j < NB} table[j][byte_{t,j}][r]: NB lookups and adds instead of D
 // unpack-and-FMAs (16 instead of 64 at D = 64, 2 bits). The W query rows of a chunk sit side by side in
 // an entry, so one lookup is one W-wide vector add shared by all the rows (GQA: 3 rows per kv head fill
-// W = 4). The table, NB * 256 * W floats (64 KiB at D = 64, 2 bits, W = 4), stays in L1/L2; building it
-// (NB * 256 entries, each the sum of a low-nibble and a high-nibble entry) costs about as much as
-// scoring 256 tokens, and is done once per (batch, head, row chunk, token segment).
-template <int W>
-void turbo_key_table(const float* q, int64_t q_row, int rows, int D, int bits, const float* codebook, float* table) {
-  const int per = 8 / bits, nb = D * bits / 8, mask = (1 << bits) - 1;
-  auto query = [&](int r, int d) { return r < rows ? q[r * q_row + d] : 0.f; };  // padded rows score 0
-  if (bits == 8) {  // one code per byte: the entry is the product itself
-    for (int j = 0; j < nb; ++j)
-      for (int c = 0; c < 256; ++c)
-        for (int r = 0; r < W; ++r) table[((int64_t)j * 256 + c) * W + r] = query(r, j) * codebook[c];
-    return;
-  }
-  const int half = per / 2;  // codes per nibble
-  float lo[16][W], hi[16][W];
-  for (int j = 0; j < nb; ++j) {
-    for (int n = 0; n < 16; ++n)
-      for (int r = 0; r < W; ++r) {
-        float sum_lo = 0.f, sum_hi = 0.f;
-        for (int s = 0; s < half; ++s) {
-          const float value = codebook[(n >> (s * bits)) & mask];
-          sum_lo += query(r, j * per + s) * value;
-          sum_hi += query(r, j * per + half + s) * value;
-        }
-        lo[n][r] = sum_lo;
-        hi[n][r] = sum_hi;
-      }
-    float* entry = table + (int64_t)j * 256 * W;
-    for (int b = 0; b < 256; ++b)
-      for (int r = 0; r < W; ++r) entry[b * W + r] = lo[b & 15][r] + hi[b >> 4][r];
-  }
-}
+// W = 4). The table holds NB * 256 * W floats (64 KiB at D = 64, 2 bits, W = 4: L2, yet a lookup costs
+// the same as with D = 32, whose table fits L1). Each entry is the sum of a low-nibble and a high-nibble
+// entry; the build costs about as much as scoring a few hundred tokens and is done once per (batch,
+// head, row chunk, token segment).
+// Short segments use the nibble tables themselves (nibbles = true, bits < 8): entries (j, 0, n) and
+// (j, 1, n) for the low and high nibble n of byte j, 32 per byte: two lookups per byte, but 8x cheaper
+// to build. Measured at D = 64, 3 rows, 1-4 bits, they win below ~400-800 tokens (2-3x at 32-128).
+constexpr int64_t kTurboNibbleBelow = 512;
 
 // W floats, one per query row of a chunk: GCC/clang vector extensions, so that an add of two entries is
 // one SSE (W = 4) or AVX (W = 8) instruction on any x86 build and the accumulators stay in registers
@@ -488,29 +466,88 @@ struct RowVec<8> {
   typedef float type __attribute__((vector_size(32), aligned(4), __may_alias__));
 };
 
+// The chunk's table (see above) from its rows q (rows <= W, row stride q_row; padded rows score 0).
+template <int W>
+void turbo_key_table(const float* q, int64_t q_row, int rows, int D, int bits, const float* codebook, bool nibbles,
+                     float* table) {
+  using V = typename RowVec<W>::type;
+  const int per = 8 / bits, nb = D * bits / 8, mask = (1 << bits) - 1;
+  std::vector<float> transposed((size_t)D * W);  // (D, W): channel d of the chunk's rows (padded rows: 0)
+  for (int d = 0; d < D; ++d)
+    for (int r = 0; r < W; ++r) transposed[d * W + r] = r < rows ? q[r * q_row + d] : 0.f;
+  const V* query = reinterpret_cast<const V*>(transposed.data());
+  V* entry = reinterpret_cast<V*>(table);  // entry (j, byte) is entry[j * 256 + byte]; nibbles: [j * 32 + ...]
+  if (bits == 8) {  // one code per byte: the entry is the product itself
+    for (int j = 0; j < nb; ++j)
+      for (int c = 0; c < 256; ++c) entry[j * 256 + c] = query[j] * codebook[c];
+    return;
+  }
+  const int half = per / 2;  // codes per nibble
+  V lo[16], hi[16];
+  for (int j = 0; j < nb; ++j, entry += nibbles ? 32 : 256) {
+    const V* low = query + j * per;  // the low nibble's channels, then the high nibble's
+    for (int n = 0; n < 16; ++n) {
+      lo[n] = V{};
+      hi[n] = V{};
+      for (int s = 0; s < half; ++s) {
+        const float value = codebook[(n >> (s * bits)) & mask];
+        lo[n] += low[s] * value;
+        hi[n] += low[half + s] * value;
+      }
+    }
+    if (nibbles) {
+      std::copy(lo, lo + 16, entry);
+      std::copy(hi, hi + 16, entry + 16);
+    } else {
+      for (int b = 0; b < 256; ++b) entry[b] = lo[b & 15] + hi[b >> 4];
+    }
+  }
+}
+
 // Scores of tokens [t0, t1) for one row chunk: codes (T, NB) with token stride code_t, scale (T) with
 // stride scale_t; out (rows, T) with row stride out_row. Four accumulators break the add chain.
-template <int W>
+template <int W, bool NIBBLES>
 void turbo_key_tokens(const float* table, int nb, const uint8_t* codes, int64_t code_t, const void* scale,
                       int64_t scale_t, int scale_type, int64_t t0, int64_t t1, int rows, float* out, int64_t out_row) {
   using V = typename RowVec<W>::type;
-  const V* entry = reinterpret_cast<const V*>(table);  // entry (j, byte) is entry[j * 256 + byte]
+  const V* entry = reinterpret_cast<const V*>(table);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* bytes = codes + t * code_t;
     V acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
-    const V* e = entry;  // table j's entries start at e = entry + j * 256
+    const V* e = entry;  // byte j's entries start at e = entry + j * 256 (nibbles: j * 32)
     int j = 0;
-    for (; j + 4 <= nb; j += 4, e += 4 * 256) {
-      acc0 += e[bytes[j]];
-      acc1 += e[256 + bytes[j + 1]];
-      acc2 += e[512 + bytes[j + 2]];
-      acc3 += e[768 + bytes[j + 3]];
+    if constexpr (NIBBLES) {
+      for (; j + 2 <= nb; j += 2, e += 64) {
+        acc0 += e[bytes[j] & 15];
+        acc1 += e[16 + (bytes[j] >> 4)];
+        acc2 += e[32 + (bytes[j + 1] & 15)];
+        acc3 += e[48 + (bytes[j + 1] >> 4)];
+      }
+      for (; j < nb; ++j, e += 32) acc0 += e[bytes[j] & 15] + e[16 + (bytes[j] >> 4)];
+    } else {
+      for (; j + 4 <= nb; j += 4, e += 4 * 256) {
+        acc0 += e[bytes[j]];
+        acc1 += e[256 + bytes[j + 1]];
+        acc2 += e[512 + bytes[j + 2]];
+        acc3 += e[768 + bytes[j + 3]];
+      }
+      for (; j < nb; ++j, e += 256) acc0 += e[bytes[j]];
     }
-    for (; j < nb; ++j, e += 256) acc0 += e[bytes[j]];
     const V acc = (acc0 + acc1) + (acc2 + acc3);
     const float s = load_scale(scale, t * scale_t, scale_type);
     for (int r = 0; r < rows; ++r) out[r * out_row + t] = s * acc[r];
   }
+}
+
+// One row chunk's scores over tokens [t0, t1): its table (byte or nibble tables), then the lookups.
+template <int W>
+void turbo_key_chunk(const float* q, int64_t q_row, int rows, int D, int bits, const float* codebook,
+                     const uint8_t* codes, int64_t code_t, const void* scale, int64_t scale_t, int scale_type,
+                     int64_t t0, int64_t t1, float* out, int64_t out_row, float* table) {
+  const bool nibbles = bits < 8 && t1 - t0 < kTurboNibbleBelow;
+  turbo_key_table<W>(q, q_row, rows, D, bits, codebook, nibbles, table);
+  const auto score_tokens = nibbles ? turbo_key_tokens<W, true> : turbo_key_tokens<W, false>;
+  score_tokens(table, D * bits / 8, codes, code_t, scale, scale_t, scale_type, t0, t1, rows, out, out_row);
 }
 
 // Value weighted sum over tokens [0, count) for ROWS rows, in the rotated basis:
@@ -575,11 +612,13 @@ inline void turbo_value_pass(const TurboValueArgs& a, int v, __m256 cb_lo, __m25
   for (int r = 0; r < ROWS; ++r)
     for (int j = 0; j < S; ++j) acc[r][j] = _mm256_setzero_ps();
   const __m256i mask = _mm256_set1_epi32(MASK);
+  const int64_t count = a.count, code_t = a.code_t, ws_row = a.ws_row;  // locals: no reload per token
+  const float* ws = a.ws;
   const uint8_t* bytes = a.codes + 8 * v;
-  for (int64_t i = 0; i < a.count; ++i, bytes += a.code_t) {
+  for (int64_t i = 0; i < count; ++i, bytes += code_t) {
     const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
     __m256 w[ROWS];
-    for (int r = 0; r < ROWS; ++r) w[r] = _mm256_broadcast_ss(a.ws + r * a.ws_row + i);
+    for (int r = 0; r < ROWS; ++r) w[r] = _mm256_broadcast_ss(ws + r * ws_row + i);
     for (int j = 0; j < S; ++j) {
       const int s = P0 + j;
       const __m256i code = BITS == 8 ? x : _mm256_and_si256(_mm256_srli_epi32(x, s * BITS), mask);
@@ -587,12 +626,12 @@ inline void turbo_value_pass(const TurboValueArgs& a, int v, __m256 cb_lo, __m25
       for (int r = 0; r < ROWS; ++r) acc[r][j] = _mm256_fmadd_ps(w[r], value, acc[r][j]);
     }
   }
-  alignas(32) float tmp[8];
+  alignas(32) float sums[ROWS][S][8];  // a copy, so that acc itself stays in registers in the loop above
   for (int r = 0; r < ROWS; ++r)
-    for (int j = 0; j < S; ++j) {
-      _mm256_store_ps(tmp, acc[r][j]);
-      for (int l = 0; l < 8; ++l) a.out[r * a.out_row + (8 * v + l) * PER + P0 + j] = tmp[l];
-    }
+    for (int j = 0; j < S; ++j) _mm256_store_ps(sums[r][j], acc[r][j]);
+  for (int r = 0; r < ROWS; ++r)
+    for (int j = 0; j < S; ++j)
+      for (int l = 0; l < 8; ++l) a.out[r * a.out_row + (8 * v + l) * PER + P0 + j] = sums[r][j][l];
   if constexpr (P0 + S < PER) turbo_value_pass<BITS, ROWS, P0 + S>(a, v, cb_lo, cb_hi);
 }
 
@@ -889,8 +928,8 @@ static void kvpack_turbo_key_scores_impl(const float* q, const int64_t* q_s, con
   const int wide = M > 4 ? (M - 4 + 7) / 8 : 0;
   const int chunks = wide + (M - 8 * wide > 0);
   // Work items: (batch, head, row chunk, token segment). Tokens are split only when the other axes
-  // cannot keep the threads busy, into segments of >= 2048 tokens so that each segment's table build
-  // (~256 tokens' worth of work) stays small.
+  // cannot keep the threads busy, into segments of >= 2048 tokens, so that the table each segment builds
+  // stays a small part of its work.
   const int64_t base_items = B * H * chunks;
   int64_t segments = 1;
   if (threads > 1 && base_items < 4 * threads)
@@ -913,13 +952,9 @@ static void kvpack_turbo_key_scores_impl(const float* q, const int64_t* q_s, con
       const uint8_t* cb = codes + b * codes_s[0] + h * codes_s[1];
       const char* sc = static_cast<const char*>(scale) + (b * scale_s[0] + h * scale_s[1]) * esize;
       float* dst = out + ((b * H + h) * M + r0) * T;
-      if (chunk < wide) {
-        turbo_key_table<8>(qc, q_s[2], rows, D, bits, codebook, table.get());
-        turbo_key_tokens<8>(table.get(), nb, cb, codes_s[2], sc, scale_s[2], scale_type, t0, t1, rows, dst, T);
-      } else {
-        turbo_key_table<4>(qc, q_s[2], rows, D, bits, codebook, table.get());
-        turbo_key_tokens<4>(table.get(), nb, cb, codes_s[2], sc, scale_s[2], scale_type, t0, t1, rows, dst, T);
-      }
+      const auto chunk_scores = chunk < wide ? turbo_key_chunk<8> : turbo_key_chunk<4>;
+      chunk_scores(qc, q_s[2], rows, D, bits, codebook, cb, codes_s[2], sc, scale_s[2], scale_type, t0, t1, dst, T,
+                   table.get());
     }
   }
 }
