@@ -41,6 +41,7 @@ GRIDS = {
 }
 MODEL_SHAPE = {"kv_heads": 3, "q_heads": 9, "head_dim": 64, "layers": 30}  # SmolLM2-135M
 PARTS = ("attention", "generate", "prefill")
+GENERATE_METHODS = ("fp32 DynamicCache", "kvpack KIVI-2", "kvpack KIVI-4", "kvpack QJL", "compat KIVI-2", "quanto-2")
 
 
 def add_arguments(parser) -> None:
@@ -56,6 +57,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gen-context", type=int, default=2048, help="prompt tokens for generate (default 2048)")
     parser.add_argument("--gen-batch", type=int, nargs="+", default=[1, 4, 8], help="generate batch sweep")
     parser.add_argument("--gen-tokens", type=int, default=8, help="tokens decoded per generate run (default 8)")
+    parser.add_argument("--gen-methods", nargs="+",
+                        help="generate/prefill rows (default all): " + ", ".join(GENERATE_METHODS))  # fmt: skip
     parser.add_argument("--memory-budget-gb", type=float, default=0.5,
                         help="KV cache budget for the largest-batch column (default 0.5)")  # fmt: skip
     parser.add_argument("--prefill-context", type=int, nargs="+", default=[1024, 2048], help="prefill lengths")
@@ -302,8 +305,19 @@ def run_attention(args, limits) -> list[dict]:
 
 
 # --- part 2: generation -----------------------------------------------------------------------------------
-def _cache_factories(model):
-    """name -> (make_cache() -> cache, fused attention?) for the generation and prefill parts."""
+def _cache_factories(model, names=None):
+    """name -> (make_cache() -> cache, fused attention?) for the generation and prefill parts.
+
+    ``names``: the subset to build (default all of GENERATE_METHODS that can run here).
+    """
+    unknown = set(names or ()) - set(GENERATE_METHODS)
+    if unknown:
+        raise SystemExit(f"unknown --gen-methods {sorted(unknown)}; choose from {GENERATE_METHODS}")
+    factories = _all_cache_factories(model)
+    return {name: f for name, f in factories.items() if names is None or name in names}
+
+
+def _all_cache_factories(model):
     import kvpack
 
     factories = {"fp32 DynamicCache": (None, False)}
@@ -370,7 +384,7 @@ def run_generate(args, model) -> list[dict]:
     rows = []
     budget = args.memory_budget_gb * 1e9
     print(f"{'method':<18} {'batch':>5} {'tokens/s':>9} {'KV MB':>9}")
-    for name, (factory, fused) in _cache_factories(model).items():
+    for name, (factory, fused) in _cache_factories(model, args.gen_methods).items():
         (kvpack.enable if fused else kvpack.hf.disable)(model)
         per_sequence = None
         for batch in sorted(set(args.gen_batch)):
@@ -409,7 +423,7 @@ def run_prefill(args, model) -> list[dict]:
     print("\n== prefill: batch 1 forward over the prompt, per cache; quantization = time in the layers' append ==")
     print(f"{'method':<18} {'context':>7} {'prefill ms':>11} {'quantize ms':>12} {'share':>6}")
     rows = []
-    factories = _cache_factories(model)
+    factories = _cache_factories(model, args.gen_methods)
     for context in args.prefill_context:
         ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(args.seed))
         for name, (factory, fused) in factories.items():
