@@ -368,6 +368,8 @@ def test_default_matrix_has_every_registered_method():
     methods = {s.config.method for s in specs if s.config is not None}
     assert methods == set(kvpack.method_names())
     assert specs[3].config.sketch_dim == 2 * 64 and specs[4].config.sketch_dim == 4 * 64
+    assert labels[-1] == "turbo-K4V2" and (specs[-1].config.key_bits, specs[-1].config.value_bits) == (4, 2)
+    assert len(set(labels)) == len(labels)
 
 
 def test_config_layering(tmp_path):

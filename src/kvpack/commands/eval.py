@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--methods", type=_csv(str), metavar="LIST",
         help="comma-separated method labels of the default matrix (fp,KIVI-4,KIVI-2,QJL-128,QJL-256, then other "
-        "registered methods by name); fp is always included",
+        "registered methods by name, then turbo-K4V2); fp is always included",
     )
     parser.add_argument("--out", metavar="DIR", help="results folder (default results/eval-<timestamp>)")
     parser.add_argument("--model", help="local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")

@@ -114,8 +114,9 @@ class MethodSpec:
 
 
 def default_methods() -> list[MethodSpec]:
-    """fp, KIVI-4, KIVI-2, QJL at m = 2d and 4d (d = 64), then every other registered method at defaults."""
-    from .. import KIVIConfig, QJLConfig
+    """fp, KIVI-4, KIVI-2, QJL at m = 2d and 4d (d = 64), every other registered method at defaults, and
+    turbo with 4-bit keys and 2-bit values (``turbo-K4V2``: keys carry most of the attention error)."""
+    from .. import KIVIConfig, QJLConfig, TurboConfig
 
     specs = [
         MethodSpec("fp"),
@@ -127,6 +128,7 @@ def default_methods() -> list[MethodSpec]:
     for name in method_names():
         if name not in ("kivi", "qjl"):
             specs.append(MethodSpec(name, config_class(name)()))
+    specs.append(MethodSpec("turbo-K4V2", TurboConfig(key_bits=4, value_bits=2)))
     return specs
 
 
