@@ -41,7 +41,10 @@ GRIDS = {
 }
 MODEL_SHAPE = {"kv_heads": 3, "q_heads": 9, "head_dim": 64, "layers": 30}  # SmolLM2-135M
 PARTS = ("attention", "generate", "prefill")
-GENERATE_METHODS = ("fp32 DynamicCache", "kvpack KIVI-2", "kvpack KIVI-4", "kvpack QJL", "compat KIVI-2", "quanto-2")
+GENERATE_METHODS = (
+    "fp32 DynamicCache", "kvpack KIVI-2", "kvpack KIVI-4", "kvpack QJL", "kvpack turbo", "kvpack turbo-K4V2",
+    "compat KIVI-2", "quanto-2",
+)
 
 
 def add_arguments(parser) -> None:
@@ -160,6 +163,8 @@ def _kvpack_configs():
         "kvpack KIVI-2": kvpack.KIVIConfig(key_bits=2, value_bits=2),
         "kvpack KIVI-4": kvpack.KIVIConfig(key_bits=4, value_bits=4),
         "kvpack QJL": kvpack.QJLConfig(),
+        "kvpack turbo": kvpack.TurboConfig(),
+        "kvpack turbo-K4V2": kvpack.TurboConfig(key_bits=4, value_bits=2),
     }
 
 
@@ -169,6 +174,8 @@ _ATTENTION_METHODS = (
     "kvpack KIVI-2",
     "kvpack KIVI-4",
     "kvpack QJL",
+    "kvpack turbo",
+    "kvpack turbo-K4V2",
     "compat KIVI-2",
     "quanto-2",
     "hqq-2",
@@ -221,9 +228,6 @@ def attention_case(n_layers, batch, context, methods, repeat, seed, limits) -> l
         layer = kvpack.make_layer(config)
         layer.append(keys[:, :, :-1], values[:, :, :-1])  # the prompt (flushes whole blocks)
         layer.append(keys[:, :, -1:], values[:, :, -1:])  # the new token: attention reads the packed store
-        # The fp residual buffers keep the prompt-sized capacity of the first append; an identity batch
-        # selection copies every buffer at its live length, so the copies below do not carry that slack.
-        layer.select_batch(torch.arange(batch))
         stored = layer.nbytes()
         if name in methods:
             layers = [layer] + [copy.deepcopy(layer) for _ in range(n_layers - 1)]  # distinct memory per layer
