@@ -270,7 +270,7 @@ class EvalConfig:
     ppl: PerplexitySettings = PerplexitySettings()
     passkey: RetrievalSettings = RetrievalSettings()
     niah: RetrievalSettings = RetrievalSettings(
-        tasks=("niah_single_1", "niah_multikey_2"), lengths=(2048, 4096), depths=(0.5,)
+        tasks=("niah_single_1",), lengths=(2048, 4096), depths=(0.25, 0.75)
     )
     distortion: DistortionSettings = DistortionSettings()
     memory: MemorySettings = MemorySettings()
