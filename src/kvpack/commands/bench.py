@@ -472,6 +472,8 @@ def _time_appends(cache, accumulator) -> None:
 
 # --- output -----------------------------------------------------------------------------------------------
 def plot(rows: list[dict], path: Path) -> str | None:
+    """One panel per attention case (ms per step vs context), one for generation (tokens/s vs batch) and
+    one for prefill (ms vs context), for the parts present in ``rows``."""
     try:
         import matplotlib
 
@@ -480,20 +482,39 @@ def plot(rows: list[dict], path: Path) -> str | None:
     except ImportError as err:
         return f"no plot: {err} (pip install matplotlib)"
     attention = [r for r in rows if r.get("part") == "attention" and "ms" in r]
-    if not attention:
-        return "no plot: no attention rows"
+    generate = [r for r in rows if r.get("part") in ("generate", "generate-budget")]
+    prefill = [r for r in rows if r.get("part") == "prefill"]
     cases = sorted({(r["layers"], r["batch"]) for r in attention})
-    fig, axes = plt.subplots(1, len(cases), figsize=(4.5 * len(cases), 4), squeeze=False)
-    for ax, (n_layers, batch) in zip(axes[0], cases):
-        for method in dict.fromkeys(r["method"] for r in attention):
-            pts = sorted((r["context"], r["ms"]) for r in attention
-                         if r["method"] == method and r["layers"] == n_layers and r["batch"] == batch)  # fmt: skip
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step",
-               title=f"{n_layers} layer(s), batch {batch}")  # fmt: skip
+    panels = len(cases) + bool(generate) + bool(prefill)
+    if not panels:
+        return "no plot: no rows"
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+
+    def lines(ax, subset, x, y, **style):
+        for method in dict.fromkeys(r["method"] for r in subset):
+            pts = sorted((r[x], r[y]) for r in subset if r["method"] == method)
+            ax.plot(*zip(*pts), marker="o", label=method, **style)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
+
+    for n_layers, batch in cases:
+        ax = axes.pop(0)
+        lines(ax, [r for r in attention if r["layers"] == n_layers and r["batch"] == batch], "context", "ms")
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step",
+               title=f"decode attention: {n_layers} layer(s), batch {batch}")  # fmt: skip
+    if generate:
+        ax = axes.pop(0)
+        lines(ax, [r for r in generate if r["part"] == "generate"], "batch", "tokens_per_s")
+        budget = [r for r in generate if r["part"] == "generate-budget"]
+        for r in budget:
+            ax.annotate("budget", (r["batch"], r["tokens_per_s"]), fontsize=6)
+        ax.scatter([r["batch"] for r in budget], [r["tokens_per_s"] for r in budget], marker="*", s=80, c="k")
+        ax.set(xlabel="batch", ylabel="tokens/s (greedy)", title=f"generate, {generate[0]['context']}-token prompt")
+    if prefill:
+        ax = axes.pop(0)
+        lines(ax, prefill, "context", "ms")
+        ax.set(xlabel="prompt tokens", ylabel="prefill ms (batch 1)", title="prefill")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
