@@ -14,8 +14,9 @@ What kvpack does, and how it deviates from the papers:
   vector ``c`` (the MSE-optimal scale for that codeword), not the vector norm;
 * the fp residual window and block flush rules are KIVI's (recent tokens stay exact), which the papers do
   not use;
-* no QJL correction stage (TurboQuant_prod): attention tolerates the small inner-product shrinkage, and
-  the bits are better spent on the codebook at these widths (measured, see docs/RESULTS.md).
+* no QJL correction stage (TurboQuant_prod) is implemented: the MSE codebook's small inner-product
+  shrinkage is what attention sees; the measured way to buy quality is more key bits (``key_bits=4,
+  value_bits=2``, ``turbo-K4V2`` in docs/RESULTS.md), since keys carry most of the attention error.
 
 Attention reads the codes directly: scores are ``scale_t * <R q, codebook[codes_t]>`` (the query is
 rotated once per step) and ``P.V`` is accumulated in the rotated basis and rotated back once.
