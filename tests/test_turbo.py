@@ -90,3 +90,14 @@ def test_bits_per_element_and_validation():
         kvpack.TurboConfig(seed=-1)
     with pytest.raises(ValueError, match="NaN/Inf"):
         kvpack.make_layer(kvpack.TurboConfig()).append(keys * float("nan"), keys)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_nearest_centroid_matches_bucketize_ties_included(bits):
+    from kvpack.methods.turbo import _Codec, random_rotation
+
+    codec = _Codec(bits, random_rotation(16, 0, 0), torch.float16)
+    unit = torch.randn(300, 16, generator=torch.Generator().manual_seed(bits)) / 4
+    ties = codec.bounds[:16]
+    unit[0, : len(ties)] = ties  # exactly on a boundary: the lower cell, as bucketize
+    assert torch.equal(codec._nearest(unit), torch.bucketize(unit, codec.bounds).to(torch.uint8))
