@@ -501,12 +501,14 @@ def plot(rows: list[dict], path: Path) -> str | None:
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4), squeeze=False)
     axes = list(axes[0])
 
-    def lines(ax, subset, x, y, **style):
+    def lines(ax, subset, x, y) -> dict:
+        colors = {}
         for method in dict.fromkeys(r["method"] for r in subset):
             pts = sorted((r[x], r[y]) for r in subset if r["method"] == method)
-            ax.plot(*zip(*pts), marker="o", label=method, **style)
+            colors[method] = ax.plot(*zip(*pts), marker="o", label=method)[0].get_color()
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
+        return colors
 
     for n_layers, batch in cases:
         ax = axes.pop(0)
@@ -515,12 +517,12 @@ def plot(rows: list[dict], path: Path) -> str | None:
                title=f"decode attention: {n_layers} layer(s), batch {batch}")  # fmt: skip
     if generate:
         ax = axes.pop(0)
-        lines(ax, [r for r in generate if r["part"] == "generate"], "batch", "tokens_per_s")
-        budget = [r for r in generate if r["part"] == "generate-budget"]
-        for r in budget:
-            ax.annotate("budget", (r["batch"], r["tokens_per_s"]), fontsize=6)
-        ax.scatter([r["batch"] for r in budget], [r["tokens_per_s"] for r in budget], marker="*", s=80, c="k")
-        ax.set(xlabel="batch", ylabel="tokens/s (greedy)", title=f"generate, {generate[0]['context']}-token prompt")
+        colors = lines(ax, [r for r in generate if r["part"] == "generate"], "batch", "tokens_per_s")
+        for r in (r for r in generate if r["part"] == "generate-budget"):
+            ax.scatter([r["batch"]], [r["tokens_per_s"]], marker="*", s=120, color=colors.get(r["method"], "k"))
+        budget_gb = next((r["budget_bytes"] / 1e9 for r in generate if "budget_bytes" in r), None)
+        note = f"\nstars: largest batch in {budget_gb:g} GB" if budget_gb else ""
+        ax.set(xlabel="batch", ylabel="tokens/s (greedy)", title=f"generate, {generate[0]['context']}-token prompt{note}")
     if prefill:
         ax = axes.pop(0)
         lines(ax, prefill, "context", "ms")
