@@ -170,13 +170,19 @@ def _inner_contiguous(t: torch.Tensor, dims: int) -> bool:
     return True
 
 
-def _common_unsupported(codes, scale, zero, bits, group_size) -> str | None:
-    if bits not in _BITS:
-        return f"bits={bits} (fast kernels take {_BITS})"
+def _codes_unsupported(codes) -> str | None:
     if codes.device.type != "cpu":
         return f"device {codes.device.type} (fast kernels run on CPU)"
     if codes.dtype != torch.uint8:
         return f"codes dtype {codes.dtype}"
+    return None
+
+
+def _common_unsupported(codes, scale, zero, bits, group_size) -> str | None:
+    if bits not in _BITS:
+        return f"bits={bits} (fast kernels take {_BITS})"
+    if reason := _codes_unsupported(codes):
+        return reason
     if scale.dtype not in _SCALE_TYPES or zero.dtype != scale.dtype:
         return f"scale/zero dtypes {scale.dtype}/{zero.dtype} (fast kernels take float32, float16, bfloat16)"
     if group_size % 8:
@@ -187,10 +193,8 @@ def _common_unsupported(codes, scale, zero, bits, group_size) -> str | None:
 def _turbo_unsupported(kernel, rows, codes, scale, codebook, bits) -> str | None:
     if bits not in _QUANT_BITS:
         return f"bits={bits} (fast turbo kernels take {_QUANT_BITS})"
-    if codes.device.type != "cpu":
-        return f"device {codes.device.type} (fast kernels run on CPU)"
-    if codes.dtype != torch.uint8:
-        return f"codes dtype {codes.dtype}"
+    if reason := _codes_unsupported(codes):
+        return reason
     if scale.dtype not in _SCALE_TYPES:
         return f"scale dtype {scale.dtype} (fast kernels take float32, float16, bfloat16)"
     if rows.dtype != torch.float32 or codebook.dtype != torch.float32:

@@ -313,6 +313,13 @@ ValueItemFn value_fn(int bits, int ch) {
   }
 }
 
+// How many token segments to split each of base_items work items into so that `threads` threads stay busy
+// (about 4 items per thread), never below 256 tokens per segment; 1 when the items alone suffice.
+inline int64_t token_segments(int64_t base_items, int threads, int64_t T) {
+  if (threads <= 1 || base_items >= 4 * threads) return 1;
+  return std::min<int64_t>((4 * threads + base_items - 1) / base_items, std::max<int64_t>(1, T / 256));
+}
+
 inline int block_channels(int G) { return G % 32 == 0 ? 32 : (G % 16 == 0 ? 16 : 8); }
 
 // ---------------------------------------------------------------------------------------------------
@@ -762,10 +769,8 @@ static void kvpack_value_weighted_sum_impl(const float* w, const int64_t* w_s, c
   const double work = (double)B * H * M * T * D;
   // Split tokens into segments when (batch, head, channel block) alone cannot keep the threads busy;
   // segments write partial sums that are added afterwards.
-  int64_t segments = 1;
   const int64_t base_items = B * H * chunks;
-  if (threads > 1 && base_items < 4 * threads)
-    segments = std::min<int64_t>((4 * threads + base_items - 1) / base_items, std::max<int64_t>(1, T / 256));
+  const int64_t segments = token_segments(base_items, threads, T);
   const int64_t seg_len = (T + segments - 1) / segments;
   std::vector<float> partial;
   if (segments > 1) partial.assign((size_t)(segments * B * H * M * D), 0.f);
@@ -975,9 +980,7 @@ static void kvpack_turbo_weighted_sum_impl(const float* w, const int64_t* w_s, c
   // Work items: (batch, head, token segment); segments (partial sums, added afterwards) only when
   // (batch, head) alone cannot keep the threads busy.
   const int64_t base_items = B * H;
-  int64_t segments = 1;
-  if (threads > 1 && base_items < 4 * threads)
-    segments = std::min<int64_t>((4 * threads + base_items - 1) / base_items, std::max<int64_t>(1, T / 256));
+  const int64_t segments = token_segments(base_items, threads, T);
   const int64_t seg_len = (T + segments - 1) / segments;
   std::vector<float> partial;
   if (segments > 1) partial.assign((size_t)(segments * B * H * M * D), 0.f);
