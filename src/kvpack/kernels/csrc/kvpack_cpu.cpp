@@ -320,6 +320,15 @@ inline int64_t token_segments(int64_t base_items, int threads, int64_t T) {
   return std::min<int64_t>((4 * threads + base_items - 1) / base_items, std::max<int64_t>(1, T / 256));
 }
 
+// out[i] = sum over segments s of partial[s * size + i], in segment order (deterministic).
+inline void sum_segments(const std::vector<float>& partial, int64_t segments, int64_t size, float* out) {
+  for (int64_t i = 0; i < size; ++i) {
+    float sum = 0.f;
+    for (int64_t s = 0; s < segments; ++s) sum += partial[s * size + i];
+    out[i] = sum;
+  }
+}
+
 inline int block_channels(int G) { return G % 32 == 0 ? 32 : (G % 16 == 0 ? 16 : 8); }
 
 // ---------------------------------------------------------------------------------------------------
@@ -793,14 +802,7 @@ static void kvpack_value_weighted_sum_impl(const float* w, const int64_t* w_s, c
     fn(w + b * w_s[0] + h * w_s[1], w_s[2], M, codes + b * codes_s[0] + h * codes_s[1], codes_s[2], sc, ze,
        scale_s[2], scale_type, dst, D, t0, t1, c, G);
   }
-  if (segments > 1) {
-    const int64_t size = B * H * M * D;
-    for (int64_t i = 0; i < size; ++i) {
-      float sum = 0.f;
-      for (int64_t s = 0; s < segments; ++s) sum += partial[s * size + i];
-      out[i] = sum;
-    }
-  }
+  if (segments > 1) sum_segments(partial, segments, B * H * M * D, out);
 }
 
 // q (B, H, M, D) float32 with strides q_s[4] (q_s[3] == 1); sq = S q (B, H, M, m) float32 contiguous;
@@ -1010,14 +1012,7 @@ static void kvpack_turbo_weighted_sum_impl(const float* w, const int64_t* w_s, c
       fn(a, M);
     }
   }
-  if (segments > 1) {
-    const int64_t size = B * H * M * D;
-    for (int64_t i = 0; i < size; ++i) {
-      float sum = 0.f;
-      for (int64_t s = 0; s < segments; ++s) sum += partial[s * size + i];
-      out[i] = sum;
-    }
-  }
+  if (segments > 1) sum_segments(partial, segments, B * H * M * D, out);
 }
 
 // ptrs: q, codes, scale, zero, out. meta: q strides (4), codes batch/head strides (2), scale batch/head
