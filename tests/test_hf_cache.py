@@ -439,7 +439,8 @@ def test_generate_command_builds_the_method_config():
     parser = build_parser()
     args = parser.parse_args(["generate", "hi", "--key-bits", "4", "--scale-dtype", "none", "--no-check-finite"])
     assert method_config_from_args(args) == kvpack.KIVIConfig(key_bits=4, scale_dtype=None, check_finite=False)
-    assert args.fused is False and args.max_new_tokens == 128
+    assert args.fused is True and args.max_new_tokens == 128  # the fused path by default, as in kvpack eval
+    assert parser.parse_args(["generate", "hi", "--compat"]).fused is False
     with pytest.raises(ValueError, match="--sketch-dim does not apply to --method kivi"):
         method_config_from_args(parser.parse_args(["generate", "hi", "--sketch-dim", "64"]))
     with pytest.raises(ValueError, match="key_bits must be one of"):

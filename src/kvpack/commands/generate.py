@@ -61,9 +61,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     path = parser.add_mutually_exclusive_group()
-    path.add_argument("--fused", dest="fused", action="store_true", help="attend from the packed store (kvpack.enable)")
-    path.add_argument("--compat", dest="fused", action="store_false", help="attend over dequantized K/V (default)")
-    parser.set_defaults(fused=False)
+    path.add_argument(
+        "--fused", dest="fused", action="store_true", help="attend from the packed store (kvpack.enable; default)"
+    )
+    path.add_argument("--compat", dest="fused", action="store_false", help="attend over dequantized K/V")
+    parser.set_defaults(fused=True)
     parser.add_argument(
         "--skip-layers", type=int, nargs="+", default=(), metavar="I", help="layers kept in full precision"
     )
