@@ -25,11 +25,13 @@ __all__ = [
     "__version__",
     "disable",
     "enable",
+    "load_cache",
     "load_model",
     "make_cache",
+    "save_cache",
 ]
 
-_HF_EXPORTS = ("disable", "enable", "load_model", "make_cache")
+_HF_EXPORTS = ("disable", "enable", "load_cache", "load_model", "make_cache", "save_cache")
 
 
 def __getattr__(name: str):

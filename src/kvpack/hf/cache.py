@@ -29,7 +29,7 @@ from ..config import MethodConfig
 from ..methods.base import CompressedLayer
 from ..registry import config_class, make_layer
 
-__all__ = ["ATTENTION_NAME", "KVHandle", "KVPackCache", "KVPackLayer", "make_cache"]
+__all__ = ["ATTENTION_NAME", "KVHandle", "KVPackCache", "KVPackLayer", "load_cache", "make_cache", "save_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,14 @@ class KVPackLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.dtype = key_states.dtype
+        self.is_initialized = True
+
+    def adopt(self, store: CompressedLayer, device: torch.device) -> None:
+        """Hold ``store``, filled elsewhere (a loaded cache), as this layer's state."""
+        if store.layer_idx != self.layer_idx:
+            raise ValueError(f"a store of layer {store.layer_idx} cannot fill layer {self.layer_idx}")
+        self.store = store
+        self.device, self.dtype = torch.device(device), store.dtype
         self.is_initialized = True
 
     def update(
@@ -323,3 +331,82 @@ def make_cache(
         method_config = method_config.replace(**overrides)
     config = getattr(model, "config", model)
     return KVPackCache(config, method_config, skip_layers=skip_layers)
+
+
+# --- saved caches ---------------------------------------------------------------------------------------
+_CACHE_KIND = "kvpack-cache-v1"
+
+
+def _layer_shape(text_config) -> dict:
+    """What a saved cache must agree on with the model it is loaded into."""
+    return {
+        "num_layers": text_config.num_hidden_layers,
+        "num_kv_heads": getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
+        "head_dim": _head_dim(text_config),
+    }
+
+
+def save_cache(cache: KVPackCache, path) -> None:
+    """Write a filled :class:`KVPackCache` to ``path`` (one safetensors file, written atomically).
+
+    The packed codes, scales and fp residuals are saved as stored (no re-quantization), and unquantized
+    (``skip_layers``) layers as their fp tensors; :func:`load_cache` restores a cache that continues exactly
+    as this one would (prompt caching: prefill a long document once, answer many questions later).
+
+    Raises:
+        TypeError: ``cache`` is not a KVPackCache.
+        ValueError: the cache holds no tokens, or a layer kind it cannot save (sliding window, ...).
+    """
+    from ..io import save_layers
+
+    if not isinstance(cache, KVPackCache):
+        raise TypeError(f"save_cache takes a KVPackCache, got {type(cache).__name__}")
+    if cache.get_seq_length() == 0:
+        raise ValueError("the cache holds no tokens; run a prefill through it before saving")
+    slots = []
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, KVPackLayer):
+            slots.append(layer.store)
+        elif type(layer) is DynamicLayer and layer.is_initialized:
+            slots.append((layer.keys, layer.values))
+        else:
+            raise ValueError(f"layer {i} is a {type(layer).__name__}; only kvpack and full DynamicLayer layers are saved")
+    skip = [i for i, layer in enumerate(cache.layers) if not isinstance(layer, KVPackLayer)]
+    extra = {
+        "kind": _CACHE_KIND,
+        "method_config": cache.method_config.to_dict(),
+        "skip_layers": skip,
+        "model": _layer_shape(cache._text_config),
+    }
+    save_layers(path, slots, extra=extra)
+
+
+def load_cache(model, path, device: str | torch.device | None = None) -> KVPackCache:
+    """A :class:`KVPackCache` for ``model`` holding what :func:`save_cache` wrote to ``path``.
+
+    Pass it to ``generate`` with the full token ids (prompt + new), as any filled cache; generation reads the
+    saved tokens and appends the new ones.
+
+    Raises:
+        ValueError: not a saved kvpack cache, or saved for a model of another shape (layers, kv heads,
+            head_dim) or another batch/dtype layout.
+    """
+    from ..io import load_layers, read_extra
+
+    config = getattr(model, "config", model)
+    extra = read_extra(path)
+    if extra.get("kind") != _CACHE_KIND:
+        raise ValueError(f"{path} is a kvpack layer file but not a saved cache (use kvpack.io.load_layers)")
+    text_config = config.get_text_config(decoder=True)
+    if extra["model"] != _layer_shape(text_config):
+        raise ValueError(f"{path} was saved for a model with {extra['model']}, this one has {_layer_shape(text_config)}")
+    if device is None:
+        device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
+    method_config = config_class(extra["method_config"]["method"]).from_dict(extra["method_config"])
+    cache = KVPackCache(config, method_config, skip_layers=extra["skip_layers"])
+    for i, (layer, saved) in enumerate(zip(cache.layers, load_layers(path, device=device), strict=True)):
+        if isinstance(saved, tuple):
+            layer.update(*saved)
+        else:
+            layer.adopt(saved, device)
+    return cache

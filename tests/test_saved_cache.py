@@ -1,0 +1,88 @@
+"""kvpack.save_cache / kvpack.load_cache: a filled transformers cache to disk and back (prompt caching)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+import kvpack  # noqa: E402
+from kvpack.hf import runtime  # noqa: E402
+
+from conftest import make_tiny_llama  # noqa: E402
+
+
+def _greedy(model, cache, next_ids, steps):
+    """Greedy decode ``steps`` tokens from a filled cache; (tokens, logits per step)."""
+    tokens, logits = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            cache, out = runtime.forward(model, next_ids, cache, logits_to_keep=1)
+            logits.append(out[:, -1])
+            next_ids = out[:, -1:].argmax(-1)
+            tokens.append(next_ids)
+    return torch.cat(tokens, 1), torch.stack(logits)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(
+    "config",
+    [kvpack.KIVIConfig(group_size=8, residual_length=16), kvpack.QJLConfig(group_size=8, residual_length=16, sketch_dim=32, outlier_sketch_dim=16),
+     kvpack.TurboConfig(key_bits=4, group_size=8, residual_length=16)],
+    ids=lambda c: c.method,
+)
+def test_a_loaded_cache_continues_exactly_as_the_saved_one(tmp_path, tiny_llama, config, fused):
+    if fused:
+        kvpack.enable(tiny_llama)
+    prompt = torch.randint(2, 128, (2, 45), generator=torch.Generator().manual_seed(0))
+    cache = kvpack.make_cache(tiny_llama, config, skip_layers=(1,))  # layer 1 stays fp: saved as tensors
+    with torch.no_grad():
+        cache, logits = runtime.forward(tiny_llama, prompt, cache, logits_to_keep=1)
+    kvpack.save_cache(cache, tmp_path / "prompt.kvpack")
+
+    loaded = kvpack.load_cache(tiny_llama, tmp_path / "prompt.kvpack")
+    assert loaded.get_seq_length() == 45 and loaded.nbytes() == cache.nbytes()
+    assert type(loaded.layers[1]).__name__ == "DynamicLayer" and loaded.method_config == config
+    first = logits[:, -1:].argmax(-1)
+    want_tokens, want_logits = _greedy(tiny_llama, copy.deepcopy(cache), first, 20)  # crosses a flush
+    got_tokens, got_logits = _greedy(tiny_llama, loaded, first, 20)
+    assert torch.equal(got_tokens, want_tokens)
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=0)
+
+
+def test_generate_resumes_from_a_loaded_cache(tmp_path, tiny_llama):
+    kvpack.enable(tiny_llama)
+    prompt = torch.randint(2, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    config = kvpack.KIVIConfig(group_size=8, residual_length=16)
+    whole = runtime.generate(tiny_llama, kvpack.make_cache(tiny_llama, config), input_ids=prompt, max_new_tokens=8,
+                             do_sample=False)  # fmt: skip
+    cache = kvpack.make_cache(tiny_llama, config)
+    with torch.no_grad():
+        runtime.forward(tiny_llama, prompt[:, :-1], cache)  # the prompt but its last token
+    kvpack.save_cache(cache, tmp_path / "c.kvpack")
+    resumed = runtime.generate(tiny_llama, kvpack.load_cache(tiny_llama, tmp_path / "c.kvpack"), input_ids=prompt,
+                               max_new_tokens=8, do_sample=False)  # fmt: skip
+    assert torch.equal(resumed, whole)
+
+
+def test_bad_saves_and_loads_are_rejected(tmp_path, tiny_llama):
+    with pytest.raises(TypeError, match="takes a KVPackCache"):
+        kvpack.save_cache(runtime.dynamic_cache(tiny_llama), tmp_path / "x")
+    with pytest.raises(ValueError, match="holds no tokens"):
+        kvpack.save_cache(kvpack.make_cache(tiny_llama, "kivi", group_size=8, residual_length=16), tmp_path / "x")
+    cache = kvpack.make_cache(tiny_llama, kvpack.KIVIConfig(group_size=8, residual_length=16))
+    with torch.no_grad():
+        runtime.forward(tiny_llama, torch.randint(2, 128, (1, 20)), cache)
+    kvpack.save_cache(cache, tmp_path / "c.kvpack")
+    other = make_tiny_llama(num_key_value_heads=4)
+    with pytest.raises(ValueError, match="saved for a model with"):
+        kvpack.load_cache(other, tmp_path / "c.kvpack")
+    layer = kvpack.make_layer(kvpack.KIVIConfig(group_size=8, residual_length=16))
+    layer.append(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16))
+    kvpack.io.save_layers(tmp_path / "layers.kvpack", [layer])
+    with pytest.raises(ValueError, match="not a saved cache"):
+        kvpack.load_cache(tiny_llama, tmp_path / "layers.kvpack")
