@@ -16,6 +16,8 @@ import kvpack.data
 from kvpack import eval as kv_eval
 from kvpack.eval.retrieval import FILLER, NIAH_HEADER, PASSKEY_TASK
 
+from conftest import make_tiny_llama
+
 transformers = pytest.importorskip("transformers")
 
 HEAD_DIM = 32
@@ -35,21 +37,8 @@ class ByteTokenizer:
 
 
 def make_model(seed: int = 0):
-    config = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=HEAD_DIM,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
+    """conftest's tiny Llama with a byte vocabulary, head_dim 32 and room for 4096 positions."""
+    return make_tiny_llama(seed, vocab_size=256, head_dim=HEAD_DIM, max_position_embeddings=4096)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -90,16 +90,6 @@ def machine_info() -> dict:
     }
 
 
-def best_of(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def measure_limits(seconds: float = 5.0) -> dict:
     """Memory bandwidth (GB/s, a 512 MB float32 sum) and peak fp32 rate (GFLOP/s, a 1536^3 matmul), each the
     best over about ``seconds`` of repeats (a shared machine's best moments approach its limit)."""

@@ -363,15 +363,15 @@ def save_cache(cache: KVPackCache, path) -> None:
         raise TypeError(f"save_cache takes a KVPackCache, got {type(cache).__name__}")
     if cache.get_seq_length() == 0:
         raise ValueError("the cache holds no tokens; run a prefill through it before saving")
-    slots = []
+    slots, skip = [], []
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, KVPackLayer):
             slots.append(layer.store)
         elif type(layer) is DynamicLayer and layer.is_initialized:
             slots.append((layer.keys, layer.values))
+            skip.append(i)
         else:
             raise ValueError(f"layer {i} is a {type(layer).__name__}; only kvpack and full DynamicLayer layers are saved")
-    skip = [i for i, layer in enumerate(cache.layers) if not isinstance(layer, KVPackLayer)]
     extra = {
         "kind": _CACHE_KIND,
         "method_config": cache.method_config.to_dict(),
@@ -404,7 +404,7 @@ def load_cache(model, path, device: str | torch.device | None = None) -> KVPackC
         device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
     method_config = config_class(extra["method_config"]["method"]).from_dict(extra["method_config"])
     cache = KVPackCache(config, method_config, skip_layers=extra["skip_layers"])
-    for i, (layer, saved) in enumerate(zip(cache.layers, load_layers(path, device=device), strict=True)):
+    for layer, saved in zip(cache.layers, load_layers(path, device=device), strict=True):
         if isinstance(saved, tuple):
             layer.update(*saved)
         else:

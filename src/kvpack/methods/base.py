@@ -533,8 +533,8 @@ class CompressedLayer:
         self._require_tokens()
         return self.keys.materialize().to(self._dtype), self.values.materialize().to(self._dtype)
 
-    def _group_query(self, query: torch.Tensor) -> torch.Tensor:
-        """(B, H_q, T_q, D) -> (B, H_kv, rep * T_q, D) float32; query head h reads kv head h // rep."""
+    def _check_query(self, query: torch.Tensor) -> None:
+        """Raise unless ``query`` (B, H_q, T_q, D) fits the store: same batch and head_dim, H_q % H_kv == 0."""
         self._require_tokens()
         if query.dim() != 4:
             raise ValueError(f"query must have shape (batch, q_heads, tokens, head_dim), got {tuple(query.shape)}")
@@ -545,6 +545,12 @@ class CompressedLayer:
                 f"query shape {tuple(query.shape)} does not fit the store (batch {b}, {heads_kv} kv heads, "
                 f"head_dim {d}); q_heads must be a multiple of kv_heads"
             )
+
+    def _group_query(self, query: torch.Tensor) -> torch.Tensor:
+        """(B, H_q, T_q, D) -> (B, H_kv, rep * T_q, D) float32; query head h reads kv head h // rep."""
+        self._check_query(query)
+        batch, heads_q, t_q, dim = query.shape
+        heads_kv = self._shape[1]
         return query.float().reshape(batch, heads_kv, (heads_q // heads_kv) * t_q, dim)
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
@@ -595,7 +601,7 @@ class CompressedLayer:
 
     def _attend_materialized(self, query: torch.Tensor, scale: float, attention_mask: torch.Tensor | None):
         """:meth:`attend` for many query rows: SDPA (float32) over :meth:`materialize`'s K/V, same masks."""
-        self._group_query(query)  # shape checks, as the packed path makes them
+        self._check_query(query)
         keys, values = (x.float() for x in self.materialize())
         t_q, total = query.shape[2], keys.shape[2]
         mask, causal = None, False
