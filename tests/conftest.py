@@ -12,9 +12,17 @@ cache, and ``fused_and_compat_logits``, kvpack's two attention paths over identi
 from __future__ import annotations
 
 import importlib.util
+import zlib
 
 import pytest
 import torch
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rng(request):
+    """Seed torch's global generator per test (from its id): a test's unseeded draws no longer depend on
+    which tests ran before it, so a tolerance check cannot pass or fail with the test order."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
 
 #: The tiny model's shape: GQA (4 query heads share 2 kv heads), head_dim 16.
 TINY_LLAMA = dict(

@@ -92,9 +92,9 @@ def _fast(kernel: str, *args):
         return None
     from . import cpu
 
-    reason = cpu.available() or cpu.unsupported(kernel, *args)
+    reason = cpu.available() or cpu.unsupported(kernel, *args)  # raises for malformed arguments
     if reason is None:
-        return getattr(cpu, kernel)
+        return cpu.IMPLEMENTATIONS[kernel]  # checked just now
     if name == "fast":
         raise KernelUnavailableError(f"{kernel}: the fast kernel backend was requested but cannot run: {reason}")
     if (kernel, reason) not in _warned:

@@ -7,9 +7,11 @@ converted model) and loaded from there afterwards. It is compiled with ``-fopenm
 the dynamic loader resolves its ``libgomp.so.1`` to the copy torch already loaded, so both share one
 OpenMP thread pool and ``torch.set_num_threads`` governs both.
 
-Each wrapper takes the tensors the reference takes. :func:`unsupported` says why an input cannot run here
-(the dispatcher in :mod:`kvpack.kernels` then falls back to the reference, or raises when the fast backend
-was requested explicitly).
+Each wrapper takes the tensors the reference takes and checks everything the C++ trusts before it passes
+a pointer (one check function per kernel, below). :func:`unsupported` runs the same check for the
+dispatcher in :mod:`kvpack.kernels`: it raises for malformed input and says why well-formed input cannot
+run here (the dispatcher then falls back to the reference, or raises when the fast backend was requested
+explicitly), after which the dispatcher calls the unchecked implementation in :data:`IMPLEMENTATIONS`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -47,8 +50,11 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kvpack_cpu.cpp"
-_ABI_VERSION = 7
-_FLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC"]
+_ABI_VERSION = 8
+#: Optimization and target flags; ``$KVPACK_CXXFLAGS`` replaces them (e.g. ``-O3 -march=x86-64`` for a
+#: portable build whose scalar paths are what the SIMD code falls back to). The rest are always added.
+_DEFAULT_CXXFLAGS = ("-O3", "-march=native")
+_REQUIRED_FLAGS = ("-std=c++17", "-fopenmp", "-shared", "-fPIC")
 _BITS = (2, 4, 8)
 _SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _QUANT_BITS = (1, 2, 4, 8)  # turbo and the quantize/pack kernels
@@ -70,20 +76,32 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_id() -> str:
-    """What ``-march=native`` depends on: the CPU model and feature flags."""
+def _flags() -> list[str]:
+    custom = os.environ.get("KVPACK_CXXFLAGS")
+    return [*(shlex.split(custom) if custom else _DEFAULT_CXXFLAGS), *_REQUIRED_FLAGS]
+
+
+def _target_id(compiler: str, flags: list[str]) -> str:
+    """What the binary depends on besides the source: the compiler's own expansion of the flags (the cc1
+    command line lists every ``-march=native`` feature, on any architecture), else the CPU's description."""
+    probe = [f for f in flags if f not in ("-shared", "-fPIC")]
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
-        return "\n".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
+        result = subprocess.run([compiler, *probe, "-E", "-v", "-x", "c++", os.devnull], capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        lines = [line for line in result.stderr.splitlines() if "cc1" in line or "-target-feature" in line]
+        if lines:
+            return "\n".join(line.replace(os.devnull, "") for line in lines)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _build(compiler: str) -> Path:
     source = _SOURCE.read_bytes()
+    flags = _flags()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(), _cpu_id().encode()]))
+    parts = [source, " ".join(flags).encode(), version.encode(), _target_id(compiler, flags).encode()]
+    key = hashlib.sha256(b"\0".join(parts))
     target = cache_dir() / f"kvpack_cpu-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -91,7 +109,7 @@ def _build(compiler: str) -> Path:
     logger.info("building the kvpack CPU kernels with %s into %s (once)", compiler, target.parent)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(out)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(out)], capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{result.stderr[-2000:]}")
         os.replace(out, target)  # atomic: concurrent builders never see a partial file
@@ -101,7 +119,7 @@ def _build(compiler: str) -> Path:
 _ENTRY_POINTS = {  # name -> return type; each takes (const int64_t* meta, void* const* ptrs), see the .cpp
     "kvpack_kivi_key_scores": None,
     "kvpack_value_weighted_sum": None,
-    "kvpack_qjl_key_scores": None,
+    "kvpack_qjl_key_scores": ctypes.c_int,
     "kvpack_quantize_tokens": ctypes.c_int,
     "kvpack_quantize_key_groups": ctypes.c_int,
     "kvpack_pack_signs": None,
@@ -170,92 +188,212 @@ def _inner_contiguous(t: torch.Tensor, dims: int) -> bool:
     return True
 
 
-def _codes_unsupported(codes) -> str | None:
-    if codes.device.type != "cpu":
-        return f"device {codes.device.type} (fast kernels run on CPU)"
-    if codes.dtype != torch.uint8:
-        return f"codes dtype {codes.dtype}"
+def _inner(t: torch.Tensor, dims: int) -> torch.Tensor:
+    return t if _inner_contiguous(t, dims) else t.contiguous()
+
+
+# --- what each kernel trusts ------------------------------------------------------------------------------
+# One check per kernel, run before any pointer is handed to the C++ (by the public wrappers below and by the
+# dispatcher in kvpack.kernels, which then calls the unchecked implementation). A check raises TypeError /
+# ValueError for inputs no backend can take (wrong types, ranks or shapes that disagree: the C++ would read
+# outside the buffers), and returns a reason string for well-formed inputs that only the reference takes
+# (another device or dtype); None means the fast kernel may run. Sizes the C++ keeps in 32-bit ints are
+# bounded; index tensors the C++ dereferences are range-checked by the C++ itself (a flag, no branch cost).
+_INT32 = 2**31 - 1
+
+
+def _tensors(**named) -> None:
+    """Each ``name=(tensor, rank)`` is a dense torch.Tensor of that rank."""
+    for name, (x, rank) in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+        if x.dim() != rank:
+            raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(x.shape)}")
+
+
+def _same(name: str, got, want, what: str) -> None:
+    if tuple(got) != tuple(want):
+        raise ValueError(f"{name} {what} {tuple(got)} do not match the expected {tuple(want)}")
+
+
+def _check_bits(bits, allowed: tuple) -> None:
+    if type(bits) is not int or bits not in allowed:
+        raise ValueError(f"bits must be one of {allowed}, got {bits!r}")
+
+
+def _small(**sizes) -> None:
+    for name, value in sizes.items():
+        if value > _INT32:
+            raise ValueError(f"{name} = {value} exceeds the kernels' 32-bit limit")
+
+
+def _not_cpu(*tensors) -> str | None:
+    for t in tensors:
+        if t.device.type != "cpu":
+            return f"device {t.device.type} (fast kernels run on CPU)"
     return None
 
 
-def _common_unsupported(codes, scale, zero, bits, group_size) -> str | None:
+def _scale_reason(scale, zero=None, what="scale/zero") -> str | None:
+    if scale.dtype not in _SCALE_TYPES or (zero is not None and zero.dtype != scale.dtype):
+        dtypes = scale.dtype if zero is None else f"{scale.dtype}/{zero.dtype}"
+        return f"{what} dtypes {dtypes} (fast kernels take float32, float16, bfloat16)"
+    return None
+
+
+def _codes_reason(codes) -> str | None:
+    return None if codes.dtype == torch.uint8 else f"codes dtype {codes.dtype} (expected uint8)"
+
+
+def _check_kivi_key_scores(query, codes, scale, zero, bits) -> str | None:
+    _tensors(query=(query, 4), codes=(codes, 5), scale=(scale, 4), zero=(zero, 4))
+    _check_bits(bits, _QUANT_BITS)
+    batch, heads, rows, dim = query.shape
+    _same("codes", codes.shape[:2] + codes.shape[3:4], (batch, heads, dim), "(batch, heads, head_dim)")
+    _same("scale", scale.shape, codes.shape[:4], "shape")
+    _same("zero", zero.shape, scale.shape, "shape")
+    group = codes.shape[-1] * 8 // bits
+    _small(rows=rows, head_dim=dim, group=group)
     if bits not in _BITS:
         return f"bits={bits} (fast kernels take {_BITS})"
-    if reason := _codes_unsupported(codes):
-        return reason
-    if scale.dtype not in _SCALE_TYPES or zero.dtype != scale.dtype:
-        return f"scale/zero dtypes {scale.dtype}/{zero.dtype} (fast kernels take float32, float16, bfloat16)"
+    if group % 8:
+        return f"group_size {group} (fast kernels need a multiple of 8)"
+    return (_not_cpu(query, codes, scale, zero) or _codes_reason(codes) or _scale_reason(scale, zero)
+            or (None if query.dtype == torch.float32 else f"query dtype {query.dtype} (expected float32)"))  # fmt: skip
+
+
+def _check_value_weighted_sum(weights, codes, scale, zero, bits, group_size) -> str | None:
+    _tensors(weights=(weights, 4), codes=(codes, 4), scale=(scale, 4), zero=(zero, 4))
+    _check_bits(bits, _QUANT_BITS)
+    if type(group_size) is not int or group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    batch, heads, rows, tokens = weights.shape
+    _same("codes", codes.shape[:3], (batch, heads, tokens), "(batch, heads, tokens)")
+    _same("scale", scale.shape[:3], (batch, heads, tokens), "(batch, heads, tokens)")
+    _same("zero", zero.shape, scale.shape, "shape")
+    dim = scale.shape[-1] * group_size
+    if dim * bits % 8 or codes.shape[-1] != dim * bits // 8:
+        raise ValueError(f"codes hold {codes.shape[-1]} bytes per token; {dim} channels at {bits} bits need {dim * bits / 8}")
+    _small(rows=rows, head_dim=dim, group_size=group_size)
+    if bits not in _BITS:
+        return f"bits={bits} (fast kernels take {_BITS})"
     if group_size % 8:
         return f"group_size {group_size} (fast kernels need a multiple of 8)"
-    return None
+    return (_not_cpu(weights, codes, scale, zero) or _codes_reason(codes) or _scale_reason(scale, zero)
+            or (None if weights.dtype == torch.float32 else f"weights dtype {weights.dtype} (expected float32)"))  # fmt: skip
 
 
-def _turbo_unsupported(kernel, rows, codes, scale, codebook, bits) -> str | None:
-    if bits not in _QUANT_BITS:
-        return f"bits={bits} (fast turbo kernels take {_QUANT_BITS})"
-    if reason := _codes_unsupported(codes):
+def _check_qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms) -> str | None:
+    _tensors(query=(query, 4), sketch=(sketch, 2), outlier_idx=(outlier_idx, 4), signs=(signs, 5), norms=(norms, 4),
+             outlier_signs=(outlier_signs, 5), outlier_norms=(outlier_norms, 4))  # fmt: skip
+    batch, heads, rows, dim = query.shape
+    _same("signs", signs.shape[:2], (batch, heads), "(batch, heads)")
+    n_groups, group = signs.shape[2], signs.shape[3]
+    m, m_o, k = signs.shape[-1] * 8, outlier_signs.shape[-1] * 8, outlier_idx.shape[-1]
+    _same("sketch", sketch.shape, (m, dim), "shape (sketch rows, head_dim)")
+    _same("outlier_idx", outlier_idx.shape[:3], (batch, heads, n_groups), "(batch, heads, groups)")
+    _same("norms", norms.shape, signs.shape[:4], "shape")
+    _same("outlier_signs", outlier_signs.shape[:4], signs.shape[:4], "(batch, heads, groups, group)")
+    _same("outlier_norms", outlier_norms.shape, signs.shape[:4], "shape")
+    if k > dim or m_o > m:
+        raise ValueError(f"{k} outlier channels of head_dim {dim}, or an outlier sketch of {m_o} > {m} rows")
+    if outlier_idx.is_floating_point() or outlier_idx.dtype == torch.bool or outlier_idx.is_complex():
+        raise TypeError(f"outlier_idx must be an integer tensor, got {outlier_idx.dtype}")
+    _small(rows=rows, head_dim=dim, group=group, sketch_dim=m)
+    if reason := _not_cpu(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms):
+        return reason
+    if query.dtype != torch.float32 or sketch.dtype != torch.float32:
+        return f"query/sketch dtypes {query.dtype}/{sketch.dtype} (expected float32)"
+    if outlier_idx.dtype != torch.uint8:
+        return f"outlier_idx dtype {outlier_idx.dtype} (fast kernels take uint8, head_dim <= 256)"
+    if signs.dtype != torch.uint8 or outlier_signs.dtype != torch.uint8:
+        return f"sign dtypes {signs.dtype}/{outlier_signs.dtype} (expected uint8)"
+    return _scale_reason(norms, outlier_norms, "norm")
+
+
+def _check_turbo(kernel, rows, codes, scale, codebook, bits) -> str | None:
+    name = "query_rotated" if kernel == "turbo_key_scores" else "weights"
+    _tensors(**{name: (rows, 4)}, codes=(codes, 4), scale=(scale, 3), codebook=(codebook, 1))
+    _check_bits(bits, _QUANT_BITS)
+    batch, heads, n_rows, last = rows.shape
+    tokens = codes.shape[2] if kernel == "turbo_key_scores" else last
+    if codes.shape[:3] != (batch, heads, tokens) or scale.shape != (batch, heads, tokens):
+        raise ValueError(
+            f"codes {tuple(codes.shape)} and scale {tuple(scale.shape)} do not match {batch} batch, {heads} heads "
+            f"and {tokens} tokens"
+        )
+    dim = last if kernel == "turbo_key_scores" else codes.shape[-1] * 8 // bits
+    if codes.shape[-1] * 8 != dim * bits:
+        raise ValueError(f"head_dim {dim} at {bits} bits does not fill the {codes.shape[-1]} code bytes")
+    if codebook.shape != (2**bits,):
+        raise ValueError(f"codebook shape {tuple(codebook.shape)} (expected ({2**bits},))")
+    _small(rows=n_rows, head_dim=dim)
+    if reason := _not_cpu(rows, codes, scale, codebook) or _codes_reason(codes):
         return reason
     if scale.dtype not in _SCALE_TYPES:
         return f"scale dtype {scale.dtype} (fast kernels take float32, float16, bfloat16)"
     if rows.dtype != torch.float32 or codebook.dtype != torch.float32:
         return f"query/weights and codebook dtypes {rows.dtype}/{codebook.dtype} (expected float32)"
-    if codebook.shape != (2**bits,):
-        return f"codebook shape {tuple(codebook.shape)} (expected ({2**bits},))"
-    if kernel == "turbo_key_scores" and rows.shape[-1] * bits != codes.shape[-1] * 8:
-        return f"head_dim {rows.shape[-1]} at {bits} bits does not fill the {codes.shape[-1]} code bytes"
     return None
 
 
+def _check_quantize(x, bits, group_size, scale_dtype) -> str | None:
+    _tensors(x=(x, 4))
+    if scale_dtype is not None and not isinstance(scale_dtype, torch.dtype):
+        raise TypeError(f"scale_dtype must be a torch.dtype or None, got {scale_dtype!r}")
+    if reason := _not_cpu(x):
+        return reason
+    if x.dtype not in _SCALE_TYPES:
+        return f"input dtype {x.dtype} (fast kernels take float32, float16, bfloat16)"
+    if (scale_dtype or x.dtype) not in _SCALE_TYPES:
+        return f"scale dtype {scale_dtype}"
+    return None
+
+
+def _check_pack_signs(x) -> str | None:
+    if not isinstance(x, torch.Tensor) or x.layout != torch.strided or x.dim() < 1:
+        raise TypeError(f"pack_signs takes a dense tensor of at least one dimension, got {x!r:.80}")
+    _small(sketch_dim=x.shape[-1])
+    if reason := _not_cpu(x):
+        return reason
+    return None if x.dtype == torch.float32 else f"input dtype {x.dtype} (expected float32)"
+
+
+_CHECKS = {
+    "kivi_key_scores": _check_kivi_key_scores,
+    "value_weighted_sum": _check_value_weighted_sum,
+    "qjl_key_scores": _check_qjl_key_scores,
+    "turbo_key_scores": lambda *args: _check_turbo("turbo_key_scores", *args),
+    "turbo_weighted_sum": lambda *args: _check_turbo("turbo_weighted_sum", *args),
+    "quantize_pack_tokens": _check_quantize,
+    "quantize_pack_key_groups": _check_quantize,
+    "pack_signs": _check_pack_signs,
+}
+
+
 def unsupported(kernel: str, *args) -> str | None:
-    """Why ``kernel`` cannot run on these arguments here, or ``None``."""
-    if kernel == "kivi_key_scores":
-        query, codes, scale, zero, bits = args
-        group = codes.shape[-1] * 8 // bits if bits in _BITS else 0
-        return _common_unsupported(codes, scale, zero, bits, group) or (
-            None if query.dtype == torch.float32 else f"query dtype {query.dtype} (expected float32)"
-        )
-    if kernel == "value_weighted_sum":
-        weights, codes, scale, zero, bits, group_size = args
-        return _common_unsupported(codes, scale, zero, bits, group_size) or (
-            None if weights.dtype == torch.float32 else f"weights dtype {weights.dtype} (expected float32)"
-        )
-    if kernel == "qjl_key_scores":
-        query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms = args
-        if signs.device.type != "cpu":
-            return f"device {signs.device.type} (fast kernels run on CPU)"
-        if query.dtype != torch.float32 or sketch.dtype != torch.float32:
-            return f"query/sketch dtypes {query.dtype}/{sketch.dtype} (expected float32)"
-        if outlier_idx.dtype != torch.uint8:
-            return f"outlier_idx dtype {outlier_idx.dtype} (fast kernels take uint8, head_dim <= 256)"
-        if signs.dtype != torch.uint8 or outlier_signs.dtype != torch.uint8:
-            return f"sign dtypes {signs.dtype}/{outlier_signs.dtype} (expected uint8)"
-        if norms.dtype not in _SCALE_TYPES or outlier_norms.dtype != norms.dtype:
-            return f"norm dtypes {norms.dtype}/{outlier_norms.dtype} (fast kernels take float32, float16, bfloat16)"
-        if sketch.shape[0] != signs.shape[-1] * 8 or sketch.shape[0] < outlier_signs.shape[-1] * 8:
-            return f"sketch rows {sketch.shape[0]} do not match the {signs.shape[-1] * 8} sign bits"
-        return None
-    if kernel in ("turbo_key_scores", "turbo_weighted_sum"):
-        rows, codes, scale, codebook, bits = args
-        return _turbo_unsupported(kernel, rows, codes, scale, codebook, bits)
-    if kernel in ("quantize_pack_tokens", "quantize_pack_key_groups"):
-        x, bits, group_size, scale_dtype = args
-        if x.device.type != "cpu":
-            return f"device {x.device.type} (fast kernels run on CPU)"
-        if x.dtype not in _SCALE_TYPES:
-            return f"input dtype {x.dtype} (fast kernels take float32, float16, bfloat16)"
-        if (scale_dtype or x.dtype) not in _SCALE_TYPES:
-            return f"scale dtype {scale_dtype}"
-        return None
-    if kernel == "pack_signs":
-        (x,) = args
-        if x.device.type != "cpu":
-            return f"device {x.device.type} (fast kernels run on CPU)"
-        return None if x.dtype == torch.float32 else f"input dtype {x.dtype} (expected float32)"
-    raise KeyError(kernel)
+    """Why ``kernel`` cannot run fast on these arguments (another device or dtype), or ``None``.
+
+    Raises:
+        TypeError, ValueError: the arguments are malformed for any backend (see the checks above).
+        KeyError: unknown kernel.
+    """
+    return _CHECKS[kernel](*args)
 
 
-def kivi_key_scores(query, codes, scale, zero, bits):
-    """Fused :func:`kvpack.kernels.reference.kivi_key_scores` (same arguments and result)."""
+def _checked(kernel: str, args: tuple) -> None:
+    """The public wrappers' guard: malformed input raises, input only the reference takes raises too."""
+    reason = _CHECKS[kernel](*args)
+    if reason is not None:
+        from . import KernelUnavailableError
+
+        raise KernelUnavailableError(f"{kernel}: the fast CPU kernel cannot run on this input: {reason}")
+
+
+# --- unchecked implementations (the dispatcher calls these after `unsupported`) ---------------------------
+def _kivi_key_scores(query, codes, scale, zero, bits):
     batch, heads, rows, dim = query.shape
     n_groups = codes.shape[2]
     group = codes.shape[-1] * 8 // bits
@@ -274,8 +412,7 @@ def kivi_key_scores(query, codes, scale, zero, bits):
     return out
 
 
-def value_weighted_sum(weights, codes, scale, zero, bits, group_size):
-    """Fused :func:`kvpack.kernels.reference.value_weighted_sum` (same arguments and result)."""
+def _value_weighted_sum(weights, codes, scale, zero, bits, group_size):
     batch, heads, rows, tokens = weights.shape
     dim = scale.shape[-1] * group_size
     if weights.stride(-1) != 1:
@@ -293,12 +430,7 @@ def value_weighted_sum(weights, codes, scale, zero, bits, group_size):
     return out
 
 
-def _inner(t: torch.Tensor, dims: int) -> torch.Tensor:
-    return t if _inner_contiguous(t, dims) else t.contiguous()
-
-
-def qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms):
-    """Fused :func:`kvpack.kernels.reference.qjl_key_scores` (same arguments and result)."""
+def _qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms):
     batch, heads, rows, dim = query.shape
     n_groups, group = signs.shape[2], signs.shape[3]
     m, m_o, k = signs.shape[-1] * 8, outlier_signs.shape[-1] * 8, outlier_idx.shape[-1]
@@ -322,33 +454,17 @@ def qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs, outl
             torch.get_num_threads()]  # fmt: skip
     tensors = [query, sketched, sketch_t, idx, signs, norms, outlier_signs if m_o else None,
                outlier_norms if m_o else None, out]  # fmt: skip
-    _call("kvpack_qjl_key_scores", meta, tensors)
+    if _call("kvpack_qjl_key_scores", meta, tensors):
+        raise ValueError(f"outlier_idx holds channel indices outside [0, {dim}) (head_dim)")
     return out
 
 
-def _turbo_inputs(rows, codes, scale, codebook, tokens):
-    """Checks the shapes the kernel trusts (it reads raw memory); returns the codes with a unit last stride
-    (their batch/head/token strides, and all of scale's, travel in ``meta``) and a contiguous codebook.
-
-    Raises:
-        ValueError: ``rows`` (query or weights), codes and scale disagree on batch, heads or tokens.
-    """
-    batch, heads = rows.shape[:2]
-    if codes.shape[:3] != (batch, heads, tokens) or scale.shape != (batch, heads, tokens):
-        raise ValueError(
-            f"codes {tuple(codes.shape)} and scale {tuple(scale.shape)} do not match {batch} batch, {heads} heads "
-            f"and {tokens} tokens"
-        )
-    return codes if codes.stride(-1) == 1 else codes.contiguous(), codebook.contiguous()
-
-
-def turbo_key_scores(query_rotated, codes, scale, codebook, bits):
-    """Fused :func:`kvpack.kernels.reference.turbo_key_scores` (same arguments and result)."""
+def _turbo_key_scores(query_rotated, codes, scale, codebook, bits):
     batch, heads, rows, dim = query_rotated.shape
     tokens = codes.shape[2]
     if query_rotated.stride(-1) != 1:
         query_rotated = query_rotated.contiguous()
-    codes, codebook = _turbo_inputs(query_rotated, codes, scale, codebook, tokens)
+    codes, codebook = _inner(codes, 1), codebook.contiguous()
     out = torch.empty(batch, heads, rows, tokens, dtype=torch.float32)
     if out.numel() == 0:
         return out.zero_()
@@ -358,13 +474,12 @@ def turbo_key_scores(query_rotated, codes, scale, codebook, bits):
     return out
 
 
-def turbo_weighted_sum(weights, codes, scale, codebook, bits):
-    """Fused :func:`kvpack.kernels.reference.turbo_weighted_sum` (same arguments and result)."""
+def _turbo_weighted_sum(weights, codes, scale, codebook, bits):
     batch, heads, rows, tokens = weights.shape
     dim = codes.shape[-1] * 8 // bits
     if weights.stride(-1) != 1:
         weights = weights.contiguous()
-    codes, codebook = _turbo_inputs(weights, codes, scale, codebook, tokens)
+    codes, codebook = _inner(codes, 1), codebook.contiguous()
     out = torch.empty(batch, heads, rows, dim, dtype=torch.float32)
     if tokens == 0 or out.numel() == 0:
         return out.zero_()
@@ -374,13 +489,14 @@ def turbo_weighted_sum(weights, codes, scale, codebook, bits):
     return out
 
 
-def quantize_pack_tokens(values, bits, group_size, scale_dtype=None):
-    """Fused :func:`kvpack.kernels.reference.quantize_pack_tokens`: bit-identical outputs."""
+def _quantize_pack_tokens(values, bits, group_size, scale_dtype=None):
     from . import reference
 
     batch, heads, tokens, dim = values.shape
-    if bits not in _QUANT_BITS or group_size <= 0 or dim % group_size or values.numel() == 0:
+    if type(bits) is not int or bits not in _QUANT_BITS or type(group_size) is not int or group_size <= 0 \
+            or dim % group_size or values.numel() == 0:  # fmt: skip
         return reference.quantize_pack_tokens(values, bits, group_size, scale_dtype)  # raises, or trivial
+    _small(head_dim=dim, group_size=group_size)
     scale_dtype = scale_dtype or values.dtype
     if values.stride(-1) != 1:
         values = values.contiguous()
@@ -395,13 +511,14 @@ def quantize_pack_tokens(values, bits, group_size, scale_dtype=None):
     return codes, scale, zero
 
 
-def quantize_pack_key_groups(keys, bits, group_size, scale_dtype=None):
-    """Fused :func:`kvpack.kernels.reference.quantize_pack_key_groups`: bit-identical outputs."""
+def _quantize_pack_key_groups(keys, bits, group_size, scale_dtype=None):
     from . import reference
 
     batch, heads, tokens, dim = keys.shape
-    if bits not in _QUANT_BITS or group_size <= 0 or tokens % group_size or keys.numel() == 0:
+    if type(bits) is not int or bits not in _QUANT_BITS or type(group_size) is not int or group_size <= 0 \
+            or tokens % group_size or keys.numel() == 0:  # fmt: skip
         return reference.quantize_pack_key_groups(keys, bits, group_size, scale_dtype)  # raises, or trivial
+    _small(head_dim=dim, group_size=group_size)
     scale_dtype = scale_dtype or keys.dtype
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
@@ -417,8 +534,7 @@ def quantize_pack_key_groups(keys, bits, group_size, scale_dtype=None):
     return codes, scale, zero
 
 
-def pack_signs(x):
-    """Fused :func:`kvpack.kernels.reference.pack_signs`: bit-identical outputs."""
+def _pack_signs(x):
     m = x.shape[-1]
     out = torch.empty(x.shape[:-1] + ((m + 7) // 8,), dtype=torch.uint8)
     if out.numel() == 0:
@@ -428,3 +544,71 @@ def pack_signs(x):
         rows = rows.contiguous()
     _call("kvpack_pack_signs", [rows.stride(0), rows.shape[0], m, torch.get_num_threads()], [rows, out])
     return out
+
+
+IMPLEMENTATIONS = {
+    "kivi_key_scores": _kivi_key_scores,
+    "value_weighted_sum": _value_weighted_sum,
+    "qjl_key_scores": _qjl_key_scores,
+    "turbo_key_scores": _turbo_key_scores,
+    "turbo_weighted_sum": _turbo_weighted_sum,
+    "quantize_pack_tokens": _quantize_pack_tokens,
+    "quantize_pack_key_groups": _quantize_pack_key_groups,
+    "pack_signs": _pack_signs,
+}
+
+
+# --- public, checked entry points ---------------------------------------------------------------------------
+def kivi_key_scores(query, codes, scale, zero, bits):
+    """Fused :func:`kvpack.kernels.reference.kivi_key_scores` (same arguments and result).
+
+    Raises:
+        TypeError, ValueError: malformed inputs (shapes that disagree, wrong ranks or types).
+        KernelUnavailableError: well-formed inputs this kernel does not take (device, dtype, bits).
+    """
+    _checked("kivi_key_scores", (query, codes, scale, zero, bits))
+    return _kivi_key_scores(query, codes, scale, zero, bits)
+
+
+def value_weighted_sum(weights, codes, scale, zero, bits, group_size):
+    """Fused :func:`kvpack.kernels.reference.value_weighted_sum`; raises as :func:`kivi_key_scores`."""
+    _checked("value_weighted_sum", (weights, codes, scale, zero, bits, group_size))
+    return _value_weighted_sum(weights, codes, scale, zero, bits, group_size)
+
+
+def qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms):
+    """Fused :func:`kvpack.kernels.reference.qjl_key_scores`; raises as :func:`kivi_key_scores`, and
+    ``ValueError`` for an outlier channel index >= head_dim."""
+    args = (query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms)
+    _checked("qjl_key_scores", args)
+    return _qjl_key_scores(*args)
+
+
+def turbo_key_scores(query_rotated, codes, scale, codebook, bits):
+    """Fused :func:`kvpack.kernels.reference.turbo_key_scores`; raises as :func:`kivi_key_scores`."""
+    _checked("turbo_key_scores", (query_rotated, codes, scale, codebook, bits))
+    return _turbo_key_scores(query_rotated, codes, scale, codebook, bits)
+
+
+def turbo_weighted_sum(weights, codes, scale, codebook, bits):
+    """Fused :func:`kvpack.kernels.reference.turbo_weighted_sum`; raises as :func:`kivi_key_scores`."""
+    _checked("turbo_weighted_sum", (weights, codes, scale, codebook, bits))
+    return _turbo_weighted_sum(weights, codes, scale, codebook, bits)
+
+
+def quantize_pack_tokens(values, bits, group_size, scale_dtype=None):
+    """Fused :func:`kvpack.kernels.reference.quantize_pack_tokens`: bit-identical outputs, same errors."""
+    _checked("quantize_pack_tokens", (values, bits, group_size, scale_dtype))
+    return _quantize_pack_tokens(values, bits, group_size, scale_dtype)
+
+
+def quantize_pack_key_groups(keys, bits, group_size, scale_dtype=None):
+    """Fused :func:`kvpack.kernels.reference.quantize_pack_key_groups`: bit-identical outputs, same errors."""
+    _checked("quantize_pack_key_groups", (keys, bits, group_size, scale_dtype))
+    return _quantize_pack_key_groups(keys, bits, group_size, scale_dtype)
+
+
+def pack_signs(x):
+    """Fused :func:`kvpack.kernels.reference.pack_signs`: bit-identical outputs."""
+    _checked("pack_signs", (x,))
+    return _pack_signs(x)

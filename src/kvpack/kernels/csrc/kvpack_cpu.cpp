@@ -386,7 +386,7 @@ template <int ROWS>
 void qjl_rows(const float* query, int64_t q_row, const float* sketched, int64_t sq_row, const float* sketch_t,
               int m, int m_o, int k, const uint8_t* outlier_idx, const uint8_t* signs, const void* norms,
               const uint8_t* outlier_signs, const void* outlier_norms, int norm_type, float* out, int64_t out_row,
-              int64_t n0, int64_t n1, int G) {
+              int64_t n0, int64_t n1, int G, int D, int* bad_index) {
   std::vector<float> buf((size_t)3 * ROWS * m);
   float* sq = buf.data();                 // (ROWS, m): S q
   float* sq_out = sq + (size_t)ROWS * m;  // (ROWS, m): S q_out, the outlier channels' part
@@ -405,7 +405,11 @@ void qjl_rows(const float* query, int64_t q_row, const float* sketched, int64_t 
     if (k) {
       // S q_out = sum over outlier channels c of q_c S[:, c]; S q_in = S q - S q_out
       for (int i = 0; i < k; ++i) {
-        const int ch = outlier_idx[n * k + i];
+        int ch = outlier_idx[n * k + i];
+        if (ch >= D) {  // a forged index: flag it and read channel 0 instead of memory past the buffers
+          *bad_index = 1;
+          ch = 0;
+        }
         columns[i] = sketch_t + (int64_t)ch * m;
         for (int r = 0; r < ROWS; ++r) q_out[r * k + i] = query[r * q_row + ch];
       }
@@ -731,7 +735,7 @@ inline void pack_codes(const uint8_t* codes, int n, int bits, uint8_t* out) {
 
 extern "C" {
 
-int kvpack_abi_version() { return 7; }
+int kvpack_abi_version() { return 8; }
 
 // The entry points called from Python take two arrays, so that a ctypes call converts two arguments:
 // meta (int64: strides, sizes, flags; layouts below) and ptrs (the tensors' data pointers).
@@ -810,7 +814,7 @@ static void kvpack_value_weighted_sum_impl(const float* w, const int64_t* w_s, c
 // outlier_idx (B, H, N, k) uint8, signs (B, H, N, G, m / 8), norms (B, H, N, G), outlier_signs
 // (B, H, N, G, m_o / 8), outlier_norms (B, H, N, G): batch/head strides in idx_s, signs_s, norms_s,
 // osigns_s, onorms_s (2 each), the rest contiguous; out (B, H, M, N * G) float32 contiguous.
-static void kvpack_qjl_key_scores_impl(const float* q, const int64_t* q_s, const float* sq, const float* sketch_t,
+static int kvpack_qjl_key_scores_impl(const float* q, const int64_t* q_s, const float* sq, const float* sketch_t,
                            const uint8_t* outlier_idx, const int64_t* idx_s, const uint8_t* signs,
                            const int64_t* signs_s, const void* norms, const int64_t* norms_s,
                            const uint8_t* outlier_signs, const int64_t* osigns_s, const void* outlier_norms,
@@ -822,7 +826,8 @@ static void kvpack_qjl_key_scores_impl(const float* q, const int64_t* q_s, const
   const int64_t items = B * H * blocks;
   const int64_t out_row = N * G;
   const double work = (double)B * H * M * N * G * (m + m_o) / 8;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && work > 2e5)
+  int bad = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(| : bad) if (threads > 1 && work > 2e5)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t bh = it / blocks, blk = it % blocks;
     const int64_t b = bh / H, h = bh % H;
@@ -839,17 +844,18 @@ static void kvpack_qjl_key_scores_impl(const float* q, const int64_t* q_s, const
     int r = 0;
     for (; r + 4 <= M; r += 4)
       qjl_rows<4>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
-                  ob_out + r * out_row, out_row, n0, n1, G);
+                  ob_out + r * out_row, out_row, n0, n1, G, D, &bad);
     switch (M - r) {
       case 3: qjl_rows<3>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
-                          ob_out + r * out_row, out_row, n0, n1, G); break;
+                          ob_out + r * out_row, out_row, n0, n1, G, D, &bad); break;
       case 2: qjl_rows<2>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
-                          ob_out + r * out_row, out_row, n0, n1, G); break;
+                          ob_out + r * out_row, out_row, n0, n1, G, D, &bad); break;
       case 1: qjl_rows<1>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
-                          ob_out + r * out_row, out_row, n0, n1, G); break;
+                          ob_out + r * out_row, out_row, n0, n1, G, D, &bad); break;
       default: break;
     }
   }
+  return bad;
 }
 
 // Values: x (B, H, T, D) of x_type with strides x_s[4] (x_s[3] == 1) -> codes (B, H, T, ceil(D * bits / 8))
@@ -1034,8 +1040,9 @@ void kvpack_value_weighted_sum(const int64_t* m, void* const* p) {
 // ptrs: q, sq, sketch_t, outlier_idx, signs, norms, outlier_signs, outlier_norms, out. meta: q strides (4),
 // then batch/head strides (2 each) of outlier_idx, signs, norms, outlier_signs, outlier_norms, then
 // norm_type, B, H, M, N, D, G, m, m_o, k, threads.
-void kvpack_qjl_key_scores(const int64_t* m, void* const* p) {
-  kvpack_qjl_key_scores_impl(static_cast<const float*>(p[0]), m, static_cast<const float*>(p[1]),
+// Returns 1 when an outlier index is >= D (those channels read as channel 0), else 0.
+int kvpack_qjl_key_scores(const int64_t* m, void* const* p) {
+  return kvpack_qjl_key_scores_impl(static_cast<const float*>(p[0]), m, static_cast<const float*>(p[1]),
                              static_cast<const float*>(p[2]), static_cast<const uint8_t*>(p[3]), m + 4,
                              static_cast<const uint8_t*>(p[4]), m + 6, p[5], m + 8,
                              static_cast<const uint8_t*>(p[6]), m + 10, p[7], m + 12, (int)m[14],
