@@ -5,12 +5,14 @@ integration and is loaded on first use of its functions.
 """
 
 from .config import MethodConfig
+from .errors import CacheFileError
 from .methods import CompressedLayer, KIVIConfig, KIVILayer, QJLConfig, QJLLayer, TurboConfig, TurboLayer
 from .registry import config_class, make_layer, method_names
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheFileError",
     "CompressedLayer",
     "KIVIConfig",
     "KIVILayer",

@@ -7,16 +7,25 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["MethodConfig", "SCALE_DTYPES", "check_choice", "check_positive_int", "check_residual"]
+__all__ = ["MethodConfig", "SCALE_DTYPES", "check_bool", "check_choice", "check_positive_int", "check_residual"]
 
 #: Storage dtypes for quantization scales and zeros, by name.
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
-    """Raise ``ValueError`` naming the allowed set unless ``value`` is one of ``allowed``."""
-    if isinstance(value, bool) or value not in allowed:
+    """Raise ``ValueError`` naming the allowed set unless ``value`` is one of ``allowed``, of the same type.
+
+    Types are strict: ``2.0`` or ``True`` is not the integer ``2`` (``2.0 in (2, 4)`` is true in Python, and a
+    float bit width would only fail later, inside a kernel).
+    """
+    if not any(type(value) is type(option) and value == option for option in allowed):
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be one of (True, False), got {value!r}")
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -39,6 +48,25 @@ class MethodConfig:
     """Common base: subclasses are frozen dataclasses that set ``method`` and validate in ``__post_init__``."""
 
     method: ClassVar[str] = ""
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise ``ValueError`` unless this method's packed layouts can hold keys/values of ``head_dim``.
+
+        Called at a layer's first append, when a saved layer is loaded, and by ``make_cache`` for the model's
+        head_dim. The base rule: ``group_size`` (where the method has one) divides head_dim, and every code
+        width packed along the channels fills whole bytes.
+        """
+        check_positive_int("head_dim", head_dim)
+        group_size = getattr(self, "group_size", None)
+        if group_size is not None and head_dim % group_size:
+            raise ValueError(f"group_size {group_size} must divide head_dim {head_dim}")
+        for name in self.channel_packed_bits:
+            bits = getattr(self, name)
+            if head_dim * bits % 8:
+                raise ValueError(f"head_dim {head_dim} at {name}={bits} does not fill whole bytes (head_dim * bits % 8)")
+
+    #: Names of the bit-width fields whose codes are packed along head_dim (checked by :meth:`check_head_dim`).
+    channel_packed_bits: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields plus ``"method"``; :meth:`from_dict` inverts it."""

@@ -26,6 +26,7 @@ from transformers import Cache, DynamicCache, DynamicLayer
 from transformers.cache_utils import CacheLayerMixin
 
 from ..config import MethodConfig
+from ..errors import CacheFileError
 from ..methods.base import CompressedLayer
 from ..registry import config_class, make_layer
 
@@ -55,7 +56,7 @@ class KVHandle:
 
     @property
     def shape(self) -> torch.Size:
-        batch, heads, dim = self.store._shape
+        batch, heads, dim = self.store.shape
         return torch.Size((batch, heads, self.store.num_tokens, dim))
 
     @property
@@ -183,7 +184,7 @@ class KVPackLayer(CacheLayerMixin):
         """Bytes an fp16 ``DynamicLayer`` would hold for the same tokens."""
         if self.store.num_tokens == 0:
             return 0
-        batch, heads, dim = self.store._shape
+        batch, heads, dim = self.store.shape
         return 2 * batch * heads * self.store.num_tokens * dim * 2  # K and V, 2 bytes each
 
     def __repr__(self) -> str:
@@ -234,6 +235,7 @@ class KVPackCache(Cache):
             logger.warning("no layer of this model is quantized (all skipped, sliding-window or not attention)")
         super().__init__(layers=layers)
         self.method_config = method_config
+        self.skip_layers = tuple(sorted(skip))
         self._text_config = text_config
 
     def __deepcopy__(self, memo):
@@ -292,6 +294,11 @@ def _check_head_dim(text_config, method_config: MethodConfig) -> None:
     group_size = getattr(method_config, "group_size", None)
     if head_dim and group_size and head_dim % group_size:
         raise ValueError(f"group_size {group_size} must divide the model's head_dim {head_dim}")
+    if head_dim:
+        try:
+            method_config.check_head_dim(head_dim)
+        except ValueError as err:
+            raise ValueError(f"{method_config.method} cannot store this model's keys/values: {err}") from None
 
 
 def make_cache(
@@ -387,26 +394,80 @@ def load_cache(model, path, device: str | torch.device | None = None) -> KVPackC
     Pass it to ``generate`` with the full token ids (prompt + new), as any filled cache; generation reads the
     saved tokens and appends the new ones.
 
+    The file is verified and validated before any of it is used (see :mod:`kvpack.io`), and checked against
+    ``model``: number and kind of layers, kv heads, head_dim and dtype of every layer, one batch size and one
+    token count across layers, the method config of every quantized layer.
+
     Raises:
-        ValueError: not a saved kvpack cache, or saved for a model of another shape (layers, kv heads,
-            head_dim) or another batch/dtype layout.
+        CacheFileError: not a saved kvpack cache, damaged, forged, or saved for a model of another shape
+            (layers, kv heads, head_dim), dtype or layer pattern. A ``ValueError`` subclass.
     """
     from ..io import load_layers, read_extra
 
     config = getattr(model, "config", model)
+    text_config = config.get_text_config(decoder=True)
     extra = read_extra(path)
     if extra.get("kind") != _CACHE_KIND:
-        raise ValueError(f"{path} is a kvpack layer file but not a saved cache (use kvpack.io.load_layers)")
-    text_config = config.get_text_config(decoder=True)
-    if extra["model"] != _layer_shape(text_config):
-        raise ValueError(f"{path} was saved for a model with {extra['model']}, this one has {_layer_shape(text_config)}")
+        raise CacheFileError(f"{path} is a kvpack layer file but not a saved cache (use kvpack.io.load_layers)")
+    if set(extra) != {"kind", "method_config", "skip_layers", "model"}:
+        raise CacheFileError(f"{path}: the cache header has fields {sorted(extra)}")
+    shape = _layer_shape(text_config)
+    if extra["model"] != shape:
+        raise CacheFileError(f"{path} was saved for a model with {extra['model']}, this one has {shape}")
+    try:
+        method_config = config_class(extra["method_config"]["method"]).from_dict(extra["method_config"])
+        cache = KVPackCache(config, method_config, skip_layers=_skip_list(extra["skip_layers"]))
+    except (TypeError, ValueError, KeyError) as err:
+        raise CacheFileError(f"{path}: invalid cache header ({err})") from None
+    dtype = _model_dtype(model)
     if device is None:
         device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
-    method_config = config_class(extra["method_config"]["method"]).from_dict(extra["method_config"])
-    cache = KVPackCache(config, method_config, skip_layers=extra["skip_layers"])
-    for layer, saved in zip(cache.layers, load_layers(path, device=device), strict=True):
-        if isinstance(saved, tuple):
-            layer.update(*saved)
+    saved = load_layers(path, device=device, max_head_dim=shape["head_dim"] or 1024)
+    if len(saved) != len(cache.layers):
+        raise CacheFileError(f"{path} holds {len(saved)} layers, the model has {len(cache.layers)}")
+    batch_tokens = set()
+    for i, (layer, item) in enumerate(zip(cache.layers, saved)):
+        where = f"{path}, layer {i}"
+        if isinstance(layer, KVPackLayer):
+            if not isinstance(item, CompressedLayer) or item.config != method_config or item.layer_idx != i:
+                raise CacheFileError(f"{where}: expected a {method_config.method} store of layer {i}, got {item!r}")
+            batch, heads, dim = item.shape
+            layer_dtype = item.dtype
+            batch_tokens.add((batch, item.num_tokens))
+        elif type(layer) is DynamicLayer and i in cache.skip_layers:
+            if not isinstance(item, tuple):
+                raise CacheFileError(f"{where}: a skipped (fp) layer must be saved as fp keys/values")
+            batch, heads, _, dim = item[0].shape
+            layer_dtype = item[0].dtype
+            batch_tokens.add((batch, item[0].shape[2]))
         else:
-            layer.adopt(saved, device)
+            raise CacheFileError(f"{where}: the model's layer is a {type(layer).__name__}, which saved caches do not hold")
+        if (heads, dim) != (shape["num_kv_heads"], shape["head_dim"] or dim):
+            raise CacheFileError(f"{where}: {heads} kv heads of head_dim {dim}, the model has {shape}")
+        if dtype is not None and layer_dtype != dtype:
+            raise CacheFileError(f"{where} holds {layer_dtype} tensors but the model runs in {dtype}; load it into a "
+                                 f"{layer_dtype} model")  # fmt: skip
+    if len(batch_tokens) > 1:
+        raise CacheFileError(f"{path}: layers disagree on (batch, tokens): {sorted(batch_tokens)}")
+    for layer, item in zip(cache.layers, saved):
+        if isinstance(item, tuple):
+            layer.update(*item)
+        else:
+            layer.adopt(item, device)
     return cache
+
+
+def _skip_list(value) -> list[int]:
+    if not isinstance(value, list) or any(type(i) is not int for i in value) or len(set(value)) != len(value):
+        raise ValueError(f"skip_layers must be a list of distinct layer indices, got {value!r}")
+    return value
+
+
+def _model_dtype(model) -> torch.dtype | None:
+    """The dtype the model computes in (its first floating parameter), or its config's, or None."""
+    if hasattr(model, "parameters"):
+        for parameter in model.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+    dtype = getattr(getattr(model, "config", model), "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None

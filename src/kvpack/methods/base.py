@@ -23,6 +23,7 @@ import math
 import torch
 
 from ..config import MethodConfig
+from ..errors import CacheFileError
 
 __all__ = ["GrowBuffer", "BlockKeyStore", "TokenValueStore", "QuantizedValueStore", "CompressedLayer"]
 
@@ -118,6 +119,16 @@ def _buffers_nbytes(buffers, allocated: bool) -> int:
     return sum(b.nbytes(allocated) for b in buffers)
 
 
+def _check_values(tensors: dict[str, torch.Tensor], nonnegative: tuple[str, ...]) -> str | None:
+    """Why ``tensors`` hold values a store never writes (NaN/Inf, a negative scale), or None."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            return f"{name} holds NaN/Inf values"
+        if name in nonnegative and tensor.numel() and bool((tensor < 0).any()):
+            return f"{name} holds negative values (the store writes only scales/norms >= 0)"
+    return None
+
+
 class BlockKeyStore(abc.ABC):
     """Keys: an fp residual flushed to quantized groups in blocks of ``R`` tokens.
 
@@ -146,6 +157,21 @@ class BlockKeyStore(abc.ABC):
     @abc.abstractmethod
     def dequantize_groups(self, groups: dict[str, torch.Tensor]) -> torch.Tensor:
         """Named tensors (B, H, n, ...) -> (B, H, n * G, D) float32 reconstruction."""
+
+    @abc.abstractmethod
+    def group_spec(self, batch: int, heads: int, dim: int, dtype: torch.dtype, n: int) -> dict[str, tuple]:
+        """What :meth:`quantize_groups` stores for ``n`` groups: name -> (shape, dtype), for load validation."""
+
+    def check_groups(self, groups: dict[str, torch.Tensor], dim: int) -> str | None:
+        """Why loaded groups (shapes already checked) are not something this store writes, or None.
+
+        The base rule: no NaN/Inf in floating tensors (the store refuses them on append), and the scale-like
+        tensors named in ``nonnegative`` are >= 0.
+        """
+        return _check_values(groups, self.nonnegative)
+
+    #: Group tensors that the store only ever writes >= 0 (scales, norms).
+    nonnegative: tuple[str, ...] = ()
 
     # --- state machine ------------------------------------------------------------------------------
     @property
@@ -300,6 +326,17 @@ class TokenValueStore(abc.ABC):
     def dequantize_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """Named tensors (B, H, n, ...) -> (B, H, n, D) float32."""
 
+    @abc.abstractmethod
+    def token_spec(self, batch: int, heads: int, dim: int, dtype: torch.dtype, n: int) -> dict[str, tuple]:
+        """What :meth:`quantize_tokens` stores for ``n`` tokens: name -> (shape, dtype), for load validation."""
+
+    def check_tokens(self, tokens: dict[str, torch.Tensor], dim: int) -> str | None:
+        """Why loaded tokens (shapes already checked) are not something this store writes, or None."""
+        return _check_values(tokens, self.nonnegative)
+
+    #: Token tensors that the store only ever writes >= 0 (scales).
+    nonnegative: tuple[str, ...] = ()
+
     @property
     def num_tokens(self) -> int:
         return self.num_quantized + self.window.length
@@ -435,12 +472,44 @@ class QuantizedValueStore(TokenValueStore):
             weights, tokens["codes"], tokens["scale"], tokens["zero"], self.bits, self.group_size
         )
 
+    nonnegative = ("scale",)
+
+    def token_spec(self, batch, heads, dim, dtype, n):
+        scale = ((batch, heads, n, dim // self.group_size), self.scale_dtype or dtype)
+        return {"codes": ((batch, heads, n, dim * self.bits // 8), torch.uint8), "scale": scale, "zero": scale}
+
     def dequantize_tokens(self, tokens):
         from ..primitives import dequantize_affine, unpack_bits
 
         dim = tokens["scale"].shape[-1] * self.group_size
         codes = unpack_bits(tokens["codes"], self.bits, dim)
         return dequantize_affine(codes, tokens["scale"], tokens["zero"], self.group_size, -1)
+
+
+_STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _is_count(x) -> bool:
+    """A non-negative Python int (bool is not)."""
+    return type(x) is int and x >= 0
+
+
+def _last_columns(attention_mask, total: int) -> torch.Tensor:
+    """The mask's columns for the ``total`` stored keys: bool as given, additive float as float32.
+
+    Raises:
+        TypeError: not a tensor, or neither bool nor floating: an integer 0/1 mask is ambiguous (added to the
+            scores it would mask nothing), so it is refused rather than guessed.
+    """
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+    if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
+        raise TypeError(
+            f"attention_mask must be bool (True = attend) or an additive float mask, got {attention_mask.dtype}; "
+            "convert a 0/1 integer mask with mask.bool()"
+        )
+    mask = attention_mask[..., -total:]
+    return mask if mask.dtype == torch.bool else mask.float()
 
 
 class CompressedLayer:
@@ -458,12 +527,15 @@ class CompressedLayer:
         self.layer_idx = layer_idx
         self._shape: tuple[int, int, int] | None = None  # (B, H_kv, D)
         self._dtype: torch.dtype | None = None
+        self._device: torch.device | None = None
 
     # --- input checks ---------------------------------------------------------------------------------
     def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         for name, x in (("keys", keys), ("values", values)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.layout != torch.strided:
+                raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
             if x.dim() != 4:
                 raise ValueError(f"{name} must have shape (batch, kv_heads, tokens, head_dim), got {tuple(x.shape)}")
             if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -472,6 +544,10 @@ class CompressedLayer:
             raise ValueError(f"keys and values must have the same shape, got {tuple(keys.shape)} and {tuple(values.shape)}")
         if keys.dtype != values.dtype:
             raise TypeError(f"keys and values must share a dtype, got {keys.dtype} and {values.dtype}")
+        if keys.device != values.device:
+            raise ValueError(f"keys and values must be on one device, got {keys.device} and {values.device}")
+        if self._device is not None and keys.device != self._device:
+            raise ValueError(f"append expects tensors on {self._device} as before, got {keys.device}")
         batch, heads, _, dim = keys.shape
         if self._shape is not None and (batch, heads, dim) != self._shape:
             raise ValueError(
@@ -479,8 +555,8 @@ class CompressedLayer:
             )
         if self._dtype is not None and keys.dtype != self._dtype:
             raise TypeError(f"append expects dtype {self._dtype} as before, got {keys.dtype}")
-        if self._shape is None and dim % self.config.group_size:
-            raise ValueError(f"group_size {self.config.group_size} must divide head_dim {dim}")
+        if self._shape is None:
+            self.config.check_head_dim(dim)
         if getattr(self.config, "check_finite", True):
             for name, x in (("keys", keys), ("values", values)):
                 bad = int((~torch.isfinite(x)).sum())
@@ -500,7 +576,7 @@ class CompressedLayer:
         if first:
             self._build(keys.shape[3])
             self._shape = (keys.shape[0], keys.shape[1], keys.shape[3])
-            self._dtype = keys.dtype
+            self._dtype, self._device = keys.dtype, keys.device
         try:
             self.keys.append(keys)  # a failing store leaves itself unchanged
             try:
@@ -510,7 +586,7 @@ class CompressedLayer:
                 raise
         except Exception:
             if first:
-                self._shape = self._dtype = None
+                self._shape = self._dtype = self._device = None
             raise
 
     @property
@@ -520,7 +596,13 @@ class CompressedLayer:
 
     @property
     def dtype(self) -> torch.dtype | None:
+        """The dtype of the appended keys/values (None before the first append)."""
         return self._dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int] | None:
+        """``(batch, kv_heads, head_dim)`` of the stored tokens (None before the first append)."""
+        return self._shape
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored state: (k_hat, v_hat), each (B, H_kv, T_total, D) in the input dtype."""
@@ -583,10 +665,8 @@ class CompressedLayer:
         scores = self.scores(query) * scale  # (B, H_q, T_q, T)
         total = scores.shape[-1]
         if attention_mask is not None:
-            if attention_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attention_mask[..., -total:], float("-inf"))
-            else:
-                scores = scores + attention_mask[..., -total:].float()
+            mask = _last_columns(attention_mask, total)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         elif t_q > 1:
             if t_q > total:
                 raise ValueError(f"{t_q} queries but only {total} tokens stored")
@@ -606,8 +686,7 @@ class CompressedLayer:
         t_q, total = query.shape[2], keys.shape[2]
         mask, causal = None, False
         if attention_mask is not None:
-            mask = attention_mask[..., -total:]
-            mask = mask if mask.dtype == torch.bool else mask.float()
+            mask = _last_columns(attention_mask, total)
         elif t_q > total:
             raise ValueError(f"{t_q} queries but only {total} tokens stored")
         elif t_q == total:
@@ -653,33 +732,131 @@ class CompressedLayer:
         }
         return tensors, metadata
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-        """Restore a state saved by :meth:`state_dict` into this (empty) layer.
+    def load_state_dict(
+        self, tensors: dict[str, torch.Tensor], metadata: dict, *, max_head_dim: int | None = None
+    ) -> None:
+        """Restore a state saved by :meth:`state_dict` into this (empty) layer, after validating all of it.
+
+        Every field of ``metadata`` and every tensor is checked before anything is built or stored: the
+        config equals this layer's; shape, dtype and counts are well typed and consistent (keys and values
+        hold the same number of tokens, the residual < R tokens, the window <= R); each tensor has exactly
+        the name, shape and dtype the method stores for those counts, no NaN/Inf and no value the store
+        never writes (negative scales, out-of-range or unsorted outlier channels). A state that passes is
+        one this layer could have produced, so the fused kernels can read it safely.
+
+        Args:
+            max_head_dim: refuse a larger saved head_dim before building per-head_dim state (rotations and
+                sketches cost O(head_dim^3) to build). None: no bound beyond the config's own rules.
 
         Raises:
-            ValueError: the layer already holds tokens, or the state was saved with another config.
+            ValueError: the layer already holds tokens.
+            CacheFileError: the state is malformed or was saved with another config (the message says what).
         """
         if self._shape is not None:
             raise ValueError("load_state_dict needs an empty layer; this one holds tokens")
-        if metadata["config"] != self.config.to_dict():
-            raise ValueError(f"state was saved with config {metadata['config']}, this layer has {self.config.to_dict()}")
-        batch, heads, dim = metadata["shape"]
+        shape, dtype, counts = self._check_metadata(metadata, max_head_dim)
+        batch, heads, dim = shape
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise CacheFileError("the saved state's tensors must be a dict of name -> torch.Tensor")
+        devices = {t.device for t in tensors.values()}
+        if len(devices) > 1:
+            raise CacheFileError(f"the saved state's tensors are on several devices: {sorted(map(str, devices))}")
         self._build(dim)
-        self._shape = (batch, heads, dim)
-        self._dtype = getattr(torch, metadata["dtype"])
-        for prefix, store, count in (("keys", self.keys, "key_groups"), ("values", self.values, "value_quantized")):
-            own = {name.removeprefix(prefix + "."): t for name, t in tensors.items() if name.startswith(prefix + ".")}
-            store.restore(own, metadata[count])
+        stores = (("keys", self.keys, "residual", "groups."), ("values", self.values, "window", "tokens."))
+        fp_lengths, restored = [], []
+        for (prefix, store, fp_name, quant_prefix), count in zip(stores, counts):
+            own = {name[len(prefix) + 1 :]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
+            if prefix == "keys":
+                spec = store.group_spec(batch, heads, dim, dtype, count)
+            else:
+                spec = store.token_spec(batch, heads, dim, dtype, count)
+            spec = {quant_prefix + name: value for name, value in spec.items()}
+            unknown = sorted(set(own) - set(spec) - {fp_name})
+            if unknown:
+                raise CacheFileError(f"unexpected tensors {[f'{prefix}.{n}' for n in unknown]} in the saved state")
+            present = [name for name in spec if name in own]
+            if (count or present) and len(present) < len(spec):
+                missing = [f"{prefix}.{n}" for n in spec if n not in own]
+                raise CacheFileError(f"the saved state lacks {missing} ({count} quantized)")
+            fp_tensor = own.get(fp_name)
+            fp_len = 0 if fp_tensor is None else (fp_tensor.shape[2] if fp_tensor.dim() == 4 else -1)
+            spec[fp_name] = ((batch, heads, fp_len, dim), dtype)
+            for name, tensor in own.items():
+                want_shape, want_dtype = spec[name]
+                if tuple(tensor.shape) != want_shape or tensor.dtype != want_dtype:
+                    raise CacheFileError(
+                        f"{prefix}.{name} is {tensor.dtype} {tuple(tensor.shape)}, expected "
+                        f"{want_dtype} {want_shape} for shape {tuple(shape)} and {count} quantized"
+                    )
+                if tensor.layout != torch.strided:
+                    raise CacheFileError(f"{prefix}.{name} is a {tensor.layout} tensor, expected a dense one")
+            quantized = {name.removeprefix(quant_prefix): own[name] for name in present}
+            check = store.check_groups if prefix == "keys" else store.check_tokens
+            reason = check(quantized, dim) or _check_values({fp_name: fp_tensor} if fp_tensor is not None else {}, ())
+            if reason:
+                raise CacheFileError(f"{prefix}: {reason}")
+            fp_lengths.append(fp_len)
+            restored.append((store, own, count))
+        key_groups, value_quantized = counts
+        residual, window = fp_lengths
+        residual_length = self.config.residual_length
+        key_tokens, value_tokens = key_groups * self.config.group_size + residual, value_quantized + window
+        if residual >= residual_length or window > residual_length:
+            raise CacheFileError(
+                f"the key residual holds {residual} tokens and the value window {window}; a store keeps < R = "
+                f"{residual_length} and <= R"
+            )
+        if key_tokens != value_tokens:
+            raise CacheFileError(f"the keys hold {key_tokens} tokens but the values {value_tokens}")
+        for store, own, count in restored:
+            store.restore(own, count)
+        self._shape, self._dtype = shape, dtype
+        self._device = next(iter(devices)) if devices else torch.device("cpu")
+
+    def _check_metadata(self, metadata, max_head_dim: int | None):
+        """Validate :meth:`state_dict`'s metadata; returns ((B, H, D), dtype, (key_groups, value_quantized))."""
+        if not isinstance(metadata, dict):
+            raise CacheFileError(f"the saved state's metadata must be a dict, got {type(metadata).__name__}")
+        fields = {"config", "layer_idx", "shape", "dtype", "key_groups", "value_quantized"}
+        if set(metadata) != fields:
+            raise CacheFileError(
+                f"the saved state's metadata has fields {sorted(metadata)}, expected {sorted(fields)}"
+            )
+        if metadata["config"] != self.config.to_dict():
+            raise CacheFileError(f"state was saved with config {metadata['config']}, this layer has {self.config.to_dict()}")
+        if metadata["layer_idx"] != self.layer_idx or not _is_count(metadata["layer_idx"]):
+            raise CacheFileError(f"state was saved for layer {metadata['layer_idx']!r}, this is layer {self.layer_idx}")
+        shape = metadata["shape"]
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(_is_count(x) and x > 0 for x in shape)):
+            raise CacheFileError(f"shape must be [batch, kv_heads, head_dim] of positive integers, got {shape!r}")
+        dim = shape[2]
+        if max_head_dim is not None and dim > max_head_dim:
+            raise CacheFileError(f"head_dim {dim} is larger than the {max_head_dim} allowed here")
+        try:
+            self.config.check_head_dim(dim)
+        except ValueError as err:
+            raise CacheFileError(f"shape {shape}: {err}") from None
+        dtype = _STATE_DTYPES.get(metadata["dtype"]) if isinstance(metadata["dtype"], str) else None
+        if dtype is None:
+            raise CacheFileError(f"dtype must be one of {tuple(_STATE_DTYPES)}, got {metadata['dtype']!r}")
+        counts = metadata["key_groups"], metadata["value_quantized"]
+        if not all(_is_count(x) for x in counts):
+            raise CacheFileError(f"key_groups and value_quantized must be non-negative integers, got {counts!r}")
+        return tuple(shape), dtype, counts
 
     # --- cache housekeeping (beam search, assisted decoding) ------------------------------------------
     def crop(self, num_tokens: int) -> None:
         """Keep the first ``num_tokens`` tokens (negative: drop that many from the end)."""
+        if self._shape is None:
+            return  # nothing stored (and a method's stores may not exist before the first append)
         if num_tokens < 0:
             num_tokens = max(self.num_tokens + num_tokens, 0)
         self.keys.crop(num_tokens)
         self.values.crop(num_tokens)
 
     def _apply_batch(self, fn) -> None:
+        if self._shape is None:
+            return
         self.keys.pending = self.values.pending = None
         self.keys._undo = self.values._undo = None
         for buf in self.keys.buffers() + self.values.buffers():

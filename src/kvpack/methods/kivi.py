@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from .. import kernels
-from ..config import SCALE_DTYPES, MethodConfig, check_choice, check_residual
+from ..config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual
 from ..primitives import dequantize_affine, unpack_bits
 from ..registry import register
 from .base import BlockKeyStore, CompressedLayer, QuantizedValueStore
@@ -25,7 +25,8 @@ class KIVIConfig(MethodConfig):
         key_bits: bits per key code, one of (2, 4, 8).
         value_bits: bits per value code, one of (2, 4, 8).
         group_size: G. Keys share a scale/zero per channel over G consecutive tokens; values per token over
-            G consecutive channels. Must divide head_dim.
+            G consecutive channels. Must divide head_dim, and ``G * key_bits`` must be a multiple of 8 (a
+            channel's G key codes fill whole bytes).
         residual_length: R, a positive multiple of G. Keys are quantized in blocks when the fp residual
             reaches R tokens; values keep exactly the last R tokens in fp.
         scale_dtype: storage dtype of scales and zeros: "float16" (default, the paper's accounting),
@@ -44,12 +45,20 @@ class KIVIConfig(MethodConfig):
     scale_dtype: str | None = "float16"
     check_finite: bool = True
 
+    channel_packed_bits = ("value_bits",)
+
     def __post_init__(self) -> None:
         check_choice("key_bits", self.key_bits, KIVI_BITS)
         check_choice("value_bits", self.value_bits, KIVI_BITS)
         check_residual(self.group_size, self.residual_length)
+        if self.group_size * self.key_bits % 8:
+            raise ValueError(
+                f"group_size * key_bits must be a multiple of 8 (a channel's {self.group_size} key codes are packed "
+                f"into whole bytes), got group_size={self.group_size}, key_bits={self.key_bits}"
+            )
         if self.scale_dtype is not None:
             check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
+        check_bool("check_finite", self.check_finite)
 
     @property
     def torch_scale_dtype(self) -> torch.dtype | None:
@@ -69,6 +78,13 @@ class KIVIKeyStore(BlockKeyStore):
     def quantize_groups(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
         codes, scale, zero = kernels.quantize_pack_key_groups(keys, self.bits, self.group_size, self.scale_dtype)
         return {"codes": codes, "scale": scale, "zero": zero}  # (B, H, N, D, G * bits / 8), (B, H, N, D) x2
+
+    nonnegative = ("scale",)
+
+    def group_spec(self, batch, heads, dim, dtype, n):
+        scale = ((batch, heads, n, dim), self.scale_dtype or dtype)
+        codes = ((batch, heads, n, dim, self.group_size * self.bits // 8), torch.uint8)
+        return {"codes": codes, "scale": scale, "zero": scale}
 
     def group_scores(self, query, groups):
         return kernels.kivi_key_scores(query, groups["codes"], groups["scale"], groups["zero"], self.bits)

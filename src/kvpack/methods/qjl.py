@@ -10,7 +10,7 @@ import struct
 import torch
 
 from .. import kernels
-from ..config import SCALE_DTYPES, MethodConfig, check_choice, check_residual
+from ..config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual
 from ..primitives import unpack_bits
 from ..registry import register
 from .base import BlockKeyStore, CompressedLayer, QuantizedValueStore
@@ -79,6 +79,8 @@ class QJLConfig(MethodConfig):
     scale_dtype: str | None = "float16"
     check_finite: bool = True
 
+    channel_packed_bits = ("value_bits",)
+
     def __post_init__(self) -> None:
         _check_sketch_dim("sketch_dim", self.sketch_dim)
         if self.initial_sketch_dim is not None:
@@ -98,8 +100,8 @@ class QJLConfig(MethodConfig):
                 raise ValueError(f"outlier_sketch_dim must be at most sketch_dim ({smallest}), got {m_o}")
         check_choice("value_bits", self.value_bits, QJL_VALUE_BITS)
         check_residual(self.group_size, self.residual_length)
-        if not isinstance(self.orthogonal, bool):
-            raise ValueError(f"orthogonal must be one of (True, False), got {self.orthogonal!r}")
+        check_bool("orthogonal", self.orthogonal)
+        check_bool("check_finite", self.check_finite)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.scale_dtype is not None:
@@ -108,6 +110,11 @@ class QJLConfig(MethodConfig):
     @property
     def torch_scale_dtype(self) -> torch.dtype | None:
         return None if self.scale_dtype is None else SCALE_DTYPES[self.scale_dtype]
+
+    def check_head_dim(self, head_dim: int) -> None:
+        super().check_head_dim(head_dim)
+        if not self.outlier_channels < head_dim:
+            raise ValueError(f"outlier_channels must be in [0, head_dim) = [0, {head_dim}), got {self.outlier_channels}")
 
     def sketch_dim_for(self, layer_idx: int) -> int:
         """m of layer ``layer_idx``: ``initial_sketch_dim`` for the first ``initial_layers`` layers."""
@@ -230,6 +237,33 @@ class QJLKeyStore(BlockKeyStore):
             out["outlier_signs"] = out["signs"].new_empty(out["signs"].shape[:-1] + (0,))
         return out
 
+    nonnegative = ("norms", "outlier_norms")
+
+    def group_spec(self, batch, heads, dim, dtype, n):
+        k, group, norm_dtype = self.outlier_channels, self.group_size, self.scale_dtype or dtype
+        norms = ((batch, heads, n, group), norm_dtype)
+        spec = {
+            "outlier_idx": ((batch, heads, n, k), torch.uint8 if dim <= 256 else torch.int16),
+            "signs": ((batch, heads, n, group, self.sketch_dim // 8), torch.uint8),
+            "norms": norms,
+            "outlier_signs": ((batch, heads, n, group, self.outlier_sketch_dim // 8), torch.uint8),
+        }
+        if k:
+            spec["outlier_norms"] = norms
+        return spec
+
+    def check_groups(self, groups, dim):
+        """Besides the base rules: each group's outlier channels are distinct, ascending and < head_dim, as
+        :meth:`quantize_groups` writes them (the score kernels index the query and S with them)."""
+        idx = groups.get("outlier_idx")
+        if idx is not None and idx.numel():
+            idx = idx.long()
+            if bool((idx < 0).any()) or bool((idx >= dim).any()):
+                return f"outlier_idx holds channel indices outside [0, {dim})"
+            if idx.shape[-1] > 1 and not bool((idx[..., 1:] > idx[..., :-1]).all()):
+                return "outlier_idx is not strictly ascending within a group"
+        return super().check_groups(groups, dim)
+
     def _outlier_norms(self, groups: dict[str, torch.Tensor]) -> torch.Tensor:
         if "outlier_norms" in groups:
             return groups["outlier_norms"]
@@ -295,11 +329,3 @@ class QJLLayer(CompressedLayer):
 
     def _build(self, head_dim: int) -> None:
         self.keys.build(head_dim)
-
-    def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super()._check(keys, values)
-        dim = keys.shape[-1]
-        if self._shape is None and not self.config.outlier_channels < dim:
-            raise ValueError(
-                f"outlier_channels must be in [0, head_dim) = [0, {dim}), got {self.config.outlier_channels}"
-            )

@@ -31,7 +31,7 @@ import math
 import torch
 
 from .. import kernels
-from ..config import SCALE_DTYPES, MethodConfig, check_choice, check_residual
+from ..config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual
 from ..primitives import pack_bits, unpack_bits
 from ..registry import register
 from .base import BlockKeyStore, CompressedLayer, TokenValueStore
@@ -89,6 +89,8 @@ class TurboConfig(MethodConfig):
         check_finite: reject NaN/Inf keys and values on append.
 
     Bits per element: ``bits + 16 / head_dim`` for the quantized part (2.25 at 2 bits, head_dim 64).
+    ``head_dim * bits`` must be a multiple of 8 for both widths (codes are packed along the channels), and
+    ``group_size`` must divide head_dim (checked at the first append).
     """
 
     method = "turbo"
@@ -100,6 +102,8 @@ class TurboConfig(MethodConfig):
     scale_dtype: str = "float16"
     check_finite: bool = True
 
+    channel_packed_bits = ("key_bits", "value_bits")
+
     def __post_init__(self) -> None:
         check_choice("key_bits", self.key_bits, TURBO_BITS)
         check_choice("value_bits", self.value_bits, TURBO_BITS)
@@ -107,6 +111,7 @@ class TurboConfig(MethodConfig):
         check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_bool("check_finite", self.check_finite)
 
 
 class _Codec:
@@ -179,6 +184,12 @@ class TurboKeyStore(BlockKeyStore):
             "scale": scale.reshape(batch, heads, n, self.group_size),
         }
 
+    nonnegative = ("scale",)
+
+    def group_spec(self, batch, heads, dim, dtype, n):
+        codes = ((batch, heads, n, self.group_size, dim * self.codec.bits // 8), torch.uint8)
+        return {"codes": codes, "scale": ((batch, heads, n, self.group_size), self.codec.scale_dtype)}
+
     def group_scores(self, query, groups):
         codec = self.codec
         codec.to(query.device)
@@ -202,6 +213,12 @@ class TurboValueStore(TokenValueStore):
     def quantize_tokens(self, values):
         codes, scale = self.codec.encode(values)
         return {"codes": codes, "scale": scale}
+
+    nonnegative = ("scale",)
+
+    def token_spec(self, batch, heads, dim, dtype, n):
+        codes = ((batch, heads, n, dim * self.codec.bits // 8), torch.uint8)
+        return {"codes": codes, "scale": ((batch, heads, n), self.codec.scale_dtype)}
 
     def token_weighted_sum(self, weights, tokens):
         codec = self.codec
