@@ -1,3 +1,6 @@
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,3 +51,45 @@ def test_load_rejects_other_files_and_non_empty_layers(tmp_path):
         layer.load_state_dict(tensors, metadata)
     with pytest.raises(ValueError, match="saved with config"):
         kvpack.make_layer(kvpack.KIVIConfig(key_bits=4)).load_state_dict(tensors, metadata)
+
+
+def _filled_layer():
+    layer = kvpack.make_layer(kvpack.KIVIConfig(group_size=8, residual_length=16))
+    layer.append(torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16))
+    return layer
+
+
+def test_save_refuses_a_directory_and_leaves_no_temporary_when_it_fails(tmp_path, monkeypatch):
+    layer = _filled_layer()
+    with pytest.raises(ValueError, match="is a directory"):
+        save_layers(tmp_path, [layer])
+    import safetensors.torch
+
+    def failing_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")  # a write that fails half way
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_layers(tmp_path / "c.kvpack", [layer])
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary
+
+
+def test_concurrent_saves_to_one_path_leave_one_complete_file(tmp_path):
+    layers = [_filled_layer() for _ in range(4)]
+    target = tmp_path / "c.kvpack"
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda layer: save_layers(target, [layer]), layers))
+    (loaded,) = load_layers(target)  # one of the four, whole (digests verified)
+    assert any(torch.equal(loaded.dequantize()[0], layer.dequantize()[0]) for layer in layers)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.kvpack"]
+
+
+def test_a_damaged_file_names_the_file_and_the_tensor(tmp_path):
+    path = tmp_path / "c.kvpack"
+    save_layers(path, [_filled_layer()])
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(kvpack.CacheFileError, match=r"c\.kvpack: tensor '0\.[a-z.]+' does not match its checksum"):
+        load_layers(path)

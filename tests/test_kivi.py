@@ -241,6 +241,13 @@ def test_crop_and_batch_ops():
         ({"group_size": 0}, "group_size must be a positive integer"),
         ({"residual_length": 100}, "residual_length must be a positive multiple of group_size"),
         ({"scale_dtype": "float64"}, "scale_dtype must be one of"),
+        # types are strict: 2.0 == 2 in Python, but a float bit width would only fail inside a flush
+        ({"key_bits": 2.0}, r"key_bits must be one of \(2, 4, 8\), got 2.0"),
+        ({"value_bits": True}, "value_bits must be one of"),
+        ({"check_finite": 1}, r"check_finite must be one of \(True, False\)"),
+        # a channel's G key codes must fill whole bytes (the key-score kernel reads G from the byte count)
+        ({"group_size": 6, "residual_length": 12}, "group_size \\* key_bits must be a multiple of 8"),
+        ({"group_size": 10, "residual_length": 20}, "group_size \\* key_bits must be a multiple of 8"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -387,3 +394,61 @@ def test_a_long_prompt_leaves_no_prompt_sized_fp_buffers(method):
         layer.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
         for buf in (layer.keys.residual, layer.values.window):
             assert buf.data.shape[2] <= 2 * 128 + 16, (t, buf.data.shape)
+
+
+def test_group_sizes_that_fill_whole_bytes_are_accepted_and_fused_equals_compat():
+    """G = 4 at 2 bits (8 bits per channel group) and G = 12 at 4 bits are representable: the packed path (the
+    reference for G % 8, the fast kernel otherwise) agrees with attention over the dequantized store."""
+    for config in (kvpack.KIVIConfig(group_size=4, residual_length=8), kvpack.KIVIConfig(key_bits=4, value_bits=4,
+                   group_size=12, residual_length=24)):  # fmt: skip
+        layer = kvpack.make_layer(config)
+        keys, values = make_kv(tokens=60, dim=48)
+        layer.append(keys, values)
+        query = torch.randn(2, 6, 1, 48)
+        k_hat, v_hat = layer.materialize()
+        want = torch.nn.functional.scaled_dot_product_attention(query, k_hat, v_hat, enable_gqa=True)
+        torch.testing.assert_close(layer.attend(query), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", kvpack.method_names())
+@pytest.mark.parametrize("rows", [1, 20])  # the packed path and the many-rows SDPA path
+def test_integer_masks_are_refused(method, rows):
+    layer = kvpack.make_layer(kvpack.config_class(method)(group_size=8, residual_length=16))
+    keys, values = make_kv(tokens=40)
+    layer.append(keys, values)
+    query = torch.randn(2, 6, rows, 64)
+    for dtype in (torch.int64, torch.uint8, torch.int32):
+        with pytest.raises(TypeError, match="bool .* or an additive float mask"):
+            layer.attend(query, attention_mask=torch.ones(2, 1, rows, 40, dtype=dtype))
+    ones = torch.ones(2, 1, rows, 40)
+    torch.testing.assert_close(layer.attend(query, attention_mask=ones.bool()), layer.attend(query, attention_mask=ones * 0))
+
+
+@pytest.mark.parametrize("method", kvpack.method_names())
+def test_keys_and_values_on_other_devices_or_layouts_are_refused(method):
+    layer = kvpack.make_layer(kvpack.config_class(method)(group_size=8, residual_length=16))
+    keys, values = make_kv(tokens=4)
+    with pytest.raises(ValueError, match="one device"):
+        layer.append(keys, torch.empty(values.shape, device="meta"))
+    with pytest.raises(TypeError, match="dense"):
+        layer.append(keys.to_sparse(), values)
+    assert layer.num_tokens == 0
+    layer.append(keys, values)
+    with pytest.raises(ValueError, match="on cpu as before"):
+        layer.append(torch.empty(keys.shape, device="meta"), torch.empty(values.shape, device="meta"))
+    assert layer.num_tokens == 4
+
+
+@pytest.mark.parametrize("method", kvpack.method_names())
+def test_housekeeping_on_an_empty_layer_is_a_no_op(method):
+    layer = kvpack.make_layer(kvpack.config_class(method)())
+    layer.crop(0)
+    layer.select_batch(torch.tensor([0]))
+    layer.repeat_batch(2)
+    assert layer.num_tokens == 0 and layer.shape is None
+
+
+def test_layer_idx_is_bounded():
+    for bad in (-1, 2**31, 1.0, True):
+        with pytest.raises(ValueError, match="layer_idx must be an integer"):
+            kvpack.make_layer(kvpack.KIVIConfig(), layer_idx=bad)

@@ -101,3 +101,12 @@ def test_nearest_centroid_matches_bucketize_ties_included(bits):
     ties = codec.bounds[:16]
     unit[0, : len(ties)] = ties  # exactly on a boundary: the lower cell, as bucketize
     assert torch.equal(codec._nearest(unit), torch.bucketize(unit, codec.bounds).to(torch.uint8))
+
+
+def test_head_dims_whose_codes_do_not_fill_whole_bytes_are_refused_at_the_first_append():
+    layer = kvpack.make_layer(kvpack.TurboConfig(key_bits=1, value_bits=2, group_size=4, residual_length=8))
+    with pytest.raises(ValueError, match=r"head_dim 12 at key_bits=1 does not fill whole bytes"):
+        layer.append(torch.randn(1, 1, 3, 12), torch.randn(1, 1, 3, 12))
+    assert layer.num_tokens == 0
+    layer.append(torch.randn(1, 1, 3, 16), torch.randn(1, 1, 3, 16))  # 16 channels at 1 bit: two bytes
+    assert layer.num_tokens == 3

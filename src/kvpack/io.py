@@ -217,7 +217,10 @@ def _load_entry(entry, tensors: dict[str, torch.Tensor], device, max_head_dim: i
         config = config_class(config_dict["method"]).from_dict(config_dict)
     except (TypeError, ValueError) as err:
         raise CacheFileError(f"invalid method config {config_dict}: {err}") from None
-    layer = make_layer(config, layer_idx=layer_idx)
+    try:
+        layer = make_layer(config, layer_idx=layer_idx)
+    except ValueError as err:
+        raise CacheFileError(str(err)) from None
     layer.load_state_dict({name: t.to(device) for name, t in tensors.items()}, entry, max_head_dim=max_head_dim)
     return layer
 

@@ -28,7 +28,10 @@ def make_layer(config: MethodConfig, layer_idx: int = 0):
 
     Raises:
         TypeError: ``config`` is not a registered method config.
+        ValueError: ``layer_idx`` is not an integer in [0, 2**31).
     """
+    if type(layer_idx) is not int or not 0 <= layer_idx < 2**31:
+        raise ValueError(f"layer_idx must be an integer in [0, 2**31), got {layer_idx!r}")
     try:
         layer_cls = _LAYERS[type(config)]
     except KeyError:

@@ -657,6 +657,11 @@ class CompressedLayer:
 
         Returns:
             (B, H_q, T_q, D) in the query's dtype. Rows with nothing to attend to are zero.
+
+        Raises:
+            ValueError: the query does not fit the store (batch, head_dim, head ratio), or more causal queries
+                than stored tokens.
+            TypeError: a mask that is neither bool nor floating (an integer 0/1 mask is refused, not guessed).
         """
         batch, heads_q, t_q, dim = query.shape
         scale = dim**-0.5 if scale is None else scale

@@ -123,9 +123,15 @@ class QJLConfig(MethodConfig):
         return self.sketch_dim
 
 
+#: Largest sketch (bits per key): far past any useful size, and it keeps S's seed derivation in range.
+MAX_SKETCH_DIM = 2**16
+
+
 def _check_sketch_dim(name: str, value, note: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 8:
         raise ValueError(f"{name} must be a positive multiple of 8{note}, got {value!r}")
+    if value > MAX_SKETCH_DIM:
+        raise ValueError(f"{name} must be at most {MAX_SKETCH_DIM}, got {value!r}")
 
 
 def qjl_key_bits(head_dim: int, sketch_dim: int, outlier_channels: int, outlier_sketch_dim: int,
