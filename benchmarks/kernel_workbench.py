@@ -2,10 +2,10 @@
 
 Compares, on one decode step of one layer (query rows grouped per kv head, as kvpack calls the kernels):
 
-* ``reference``   the pure-torch oracle in kvpack.kernels.reference (unpack, dequantize, matmul);
+* ``reference``   the pure-torch oracle in kvpack.methods.kivi.reference (unpack, dequantize, matmul);
 * ``compile``     torch.compile (inductor, C++ backend) of the reference math, static shapes;
 * ``numba``       a numba ``parallel=True`` kernel with the same loop structure as the C++ one;
-* ``cpp``         kvpack.kernels.cpu (the promoted winner: plain C++ with AVX2 intrinsics, via ctypes);
+* ``cpp``         kvpack.methods.kivi.cpu (the promoted winner: plain C++ with AVX2 intrinsics, via ctypes);
 
 and float32 SDPA over the uncompressed cache as the baseline. Each candidate is checked against the
 reference before it is timed. Also reports first-use cost: C++ build (fresh cache folder, in a child
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kvpack.kernels import cpu, reference
+from kvpack.methods.kivi import cpu, reference
 from kvpack.primitives import pack_bits, quantize_affine, unpack_bits
 
 
@@ -145,7 +145,7 @@ def numba_kernels():
 def cpp_build_seconds() -> float:
     """Build the C++ library into a fresh cache folder in a child process; seconds taken."""
     with tempfile.TemporaryDirectory() as tmp:
-        code = "import time,kvpack.kernels.cpu as c; t=time.perf_counter(); c.load(); print(time.perf_counter()-t)"
+        code = "import time,kvpack.kernels.native as c; t=time.perf_counter(); c.load(); print(time.perf_counter()-t)"
         env = dict(os.environ, KVPACK_CACHE=tmp)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         return float(out.stdout.strip())
@@ -185,7 +185,7 @@ def main() -> None:
         candidates["numba"] = (nb_keys, nb_values)
     if "cpp" not in args.skip:
         first_use["cpp (fresh build, child process)"] = cpp_build_seconds()
-        candidates["cpp"] = (cpu.kivi_key_scores, cpu.value_weighted_sum)
+        candidates["cpp"] = (cpu.kivi_key_scores_cpu, cpu.value_weighted_sum_cpu)  # inputs valid: no check needed
 
     for name, (keys, values) in candidates.items():
         got_keys = keys(*key_args, args.bits)

@@ -230,7 +230,7 @@ def test_fused_matches_compat(tiny_llama, config, fused_and_compat_logits):
     input_ids, attention_mask = left_padded_batch(lengths=(40, 29))
     cache = make_cache(tiny_llama, config)
     compat, fused = fused_and_compat_logits(tiny_llama, cache, input_ids, attention_mask, steps=24, prefill_chunks=3)
-    assert cache.get_seq_length() == 64 and cache.layers[0].store.keys.num_groups >= 6
+    assert cache.get_seq_length() == 64 and cache.layers[0].store.keys.num_rows >= 6
     torch.testing.assert_close(fused, compat, atol=1e-5, rtol=1e-5)
 
 

@@ -136,7 +136,7 @@ def test_kivi4_batched_left_padded_greedy_matches(embedded_model, fused, referen
     set_path(model, fused)
     cache = make_cache(model, KIVI4)
     assert_greedy_matches(greedy(model, inputs, cache, 20), reference, width)
-    assert cache.layers[0].store.keys.num_groups > 0  # the prompts were quantized
+    assert cache.layers[0].store.keys.num_rows > 0  # the prompts were quantized
 
     # Extra left padding shifts every token against the quantization groups; the text stays the same.
     padded = left_padded(tokenizer, SEQUENCE_PROMPTS, extra_padding=7)
@@ -180,7 +180,7 @@ def test_fused_and_compat_logits_agree_on_a_long_prompt(embedded_model, config, 
     input_ids[1, :37], attention_mask[1, :37] = tokenizer.pad_token_id, 0
     cache = make_cache(model, config)
     compat, fused = fused_and_compat_logits(model, cache, input_ids, attention_mask, steps=50, compare_prefill=False)
-    assert cache.get_seq_length() == 650 and cache.layers[0].store.keys.num_groups == 640 // config.group_size
+    assert cache.get_seq_length() == 650 and cache.layers[0].store.keys.num_rows == 640 // config.group_size
     assert cache.nbytes() < cache.fp16_nbytes()
     torch.testing.assert_close(fused, compat, atol=1e-3, rtol=1e-4)
 
@@ -206,7 +206,7 @@ def test_generate_accepts_a_kvpack_cache(embedded_model, method, fused, spelling
     with pytest.warns(FutureWarning, match="past_key_values") if deprecated else contextlib.nullcontext():
         out = model.generate(**inputs, **{spelling: cache}, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 12
-    assert cache.get_seq_length() == out.shape[1] - 1 and cache.layers[0].store.keys.num_groups > 0
+    assert cache.get_seq_length() == out.shape[1] - 1 and cache.layers[0].store.keys.num_rows > 0
     assert cache.nbytes() == sum(layer.nbytes() for layer in cache.layers) > 0
 
 

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from kvpack import KIVIConfig, QJLConfig, TurboConfig, kernels, make_layer
-from kvpack.kernels import cpu, reference
+from kvpack.kernels import native
+
+from kernel_helpers import dispatch, reference
+from kernel_helpers import fast as cpu  # the fast CPU kernel of each op, forced
 from kvpack.methods.turbo import _Codec, random_rotation
 from kvpack.primitives import dequantize_affine, pack_bits, quantize_affine, unpack_bits
 
@@ -23,9 +26,9 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module", autouse=True)
 def fast_library():
-    if cpu._compiler() is None:
+    if native._compiler() is None:
         pytest.skip("no C++ compiler: the fast kernels cannot be built here")
-    cpu.load()  # a build failure fails the tests
+    native.load()  # a build failure fails the tests
 
 
 def assert_close_to_exact(fast, ref, exact):
@@ -145,7 +148,7 @@ QJL_CONFIGS = [
 
 
 def qjl_exact(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms):
-    """The QJL estimator of kernels.reference.qjl_key_scores, in float64."""
+    """The QJL estimator of kvpack.methods.qjl.reference.qjl_key_scores, in float64."""
     q, s = query.double(), sketch.double()
     n_groups, group, m = signs.shape[2], signs.shape[3], sketch.shape[0]
     m_o, dim = outlier_signs.shape[-1] * 8, query.shape[-1]
@@ -166,13 +169,13 @@ def qjl_exact(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_n
 @pytest.mark.parametrize("config", QJL_CONFIGS, ids=("default", "no-outliers", "m72-bf16", "m128-g16-f32"))
 @pytest.mark.parametrize("dim", (64, 128))
 def test_qjl_key_scores_matches_reference(config, dim):
-    from kvpack.methods.qjl import QJLKeyStore
+    from kvpack.methods.qjl import QJLKeyFormat
 
-    store = QJLKeyStore(config, layer_idx=1)
+    store = QJLKeyFormat(config, layer_idx=1)
     store.build(dim)
     keys = torch.randn(2, 3, 5 * config.group_size, dim)
     keys[..., :3] *= 6  # outlier channels
-    groups = store.quantize_groups(keys)
+    groups = store.quantize(keys)
     groups = {name: strided(t) for name, t in groups.items()}
     for rows in ROWS:
         query = torch.randn(2, 3, rows, dim)
@@ -269,15 +272,15 @@ def test_turbo_unsupported_input_falls_back_and_logs_once(monkeypatch, caplog):
     scale = scale.double()  # no fast kernel for float64 scales
     query = torch.randn(1, 2, 3, 64)
     with caplog.at_level(logging.WARNING, logger="kvpack.kernels"):
-        first = kernels.turbo_key_scores(query, codes, scale, codebook, 2)
-        second = kernels.turbo_key_scores(query, codes, scale, codebook, 2)
+        first = dispatch.turbo_key_scores(query, codes, scale, codebook, 2)
+        second = dispatch.turbo_key_scores(query, codes, scale, codebook, 2)
     warnings = [r for r in caplog.records if r.name == "kvpack.kernels"]
     assert len(warnings) == 1 and "float64" in warnings[0].getMessage()
     assert torch.equal(first, reference.turbo_key_scores(query, codes, scale, codebook, 2))
     assert torch.equal(first, second)
     weights = torch.softmax(torch.randn(1, 2, 3, 9), -1)
     with kernels.use("fast"), pytest.raises(kernels.KernelUnavailableError, match="float64"):
-        kernels.turbo_weighted_sum(weights, codes, scale, codebook, 2)
+        dispatch.turbo_weighted_sum(weights, codes, scale, codebook, 2)
 
 
 # --- quantize and pack (flush): bit for bit ------------------------------------------------------------
@@ -425,13 +428,13 @@ def test_reference_backend_never_calls_fast(monkeypatch):
     def boom(*args):
         raise AssertionError("fast kernel called")
 
-    monkeypatch.setitem(cpu.IMPLEMENTATIONS, "kivi_key_scores", boom)  # what the dispatcher calls
+    monkeypatch.setattr(kernels.registered()["kivi_key_scores"], "cpu", boom)  # what the CPU op calls
     codes, scale, zero = key_groups(1, 1, 2, 64, 32, 2, torch.float16)
     query = torch.randn(1, 1, 3, 64)
     with kernels.use("reference"):
-        kernels.kivi_key_scores(query, codes, scale, zero, 2)
+        dispatch.kivi_key_scores(query, codes, scale, zero, 2)
     with pytest.raises(AssertionError, match="fast kernel called"):
-        kernels.kivi_key_scores(query, codes, scale, zero, 2)  # auto picks the fast kernel when it can
+        dispatch.kivi_key_scores(query, codes, scale, zero, 2)  # auto picks the fast kernel when it can
 
 
 def test_unsupported_input_falls_back_and_logs_once(monkeypatch, caplog):
@@ -441,25 +444,25 @@ def test_unsupported_input_falls_back_and_logs_once(monkeypatch, caplog):
     scale, zero = scale.double(), zero.double()  # no fast kernel for float64 scales
     weights = torch.softmax(torch.randn(1, 2, 3, 9), -1)
     with caplog.at_level(logging.WARNING, logger="kvpack.kernels"):
-        first = kernels.value_weighted_sum(weights, codes, scale, zero, 2, 32)
-        second = kernels.value_weighted_sum(weights, codes, scale, zero, 2, 32)
+        first = dispatch.value_weighted_sum(weights, codes, scale, zero, 2, 32)
+        second = dispatch.value_weighted_sum(weights, codes, scale, zero, 2, 32)
     warnings = [r for r in caplog.records if r.name == "kvpack.kernels"]
     assert len(warnings) == 1 and "float64" in warnings[0].getMessage()
     assert torch.equal(first, reference.value_weighted_sum(weights, codes, scale, zero, 2, 32))
     assert torch.equal(first, second)
     with kernels.use("fast"), pytest.raises(kernels.KernelUnavailableError, match="float64"):
-        kernels.value_weighted_sum(weights, codes, scale, zero, 2, 32)
+        dispatch.value_weighted_sum(weights, codes, scale, zero, 2, 32)
 
 
 def test_missing_library_falls_back_once_or_raises_when_forced(monkeypatch, caplog):
     monkeypatch.setattr(kernels, "_warned", set())
-    monkeypatch.setattr(cpu, "available", lambda: "no C++ compiler found (install g++ or set CXX)")
+    monkeypatch.setattr(native, "available", lambda: "no C++ compiler found (install g++ or set CXX)")
     monkeypatch.setenv("KVPACK_KERNELS", "auto")
     codes, scale, zero = key_groups(1, 1, 2, 64, 32, 2, torch.float16)
     query = torch.randn(1, 1, 3, 64)
     with caplog.at_level(logging.WARNING, logger="kvpack.kernels"):
         for _ in range(3):
-            out = kernels.kivi_key_scores(query, codes, scale, zero, 2)
+            out = dispatch.kivi_key_scores(query, codes, scale, zero, 2)
     assert len([r for r in caplog.records if "no C++ compiler" in r.getMessage()]) == 1
     assert torch.equal(out, reference.kivi_key_scores(query, codes, scale, zero, 2))
     with pytest.raises(kernels.KernelUnavailableError, match="no C\\+\\+ compiler"):
@@ -467,7 +470,7 @@ def test_missing_library_falls_back_once_or_raises_when_forced(monkeypatch, capl
             pass
     monkeypatch.setenv("KVPACK_KERNELS", "fast")
     with pytest.raises(kernels.KernelUnavailableError, match="no C\\+\\+ compiler"):
-        kernels.kivi_key_scores(query, codes, scale, zero, 2)
+        dispatch.kivi_key_scores(query, codes, scale, zero, 2)
 
 
 def test_failed_build_is_reported(monkeypatch, tmp_path):
@@ -477,9 +480,9 @@ def test_failed_build_is_reported(monkeypatch, tmp_path):
     broken.chmod(0o755)
     monkeypatch.setenv("CXX", str(broken))
     monkeypatch.setenv("KVPACK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu, "_lib", None)
-    monkeypatch.setattr(cpu, "_error", None)
-    reason = cpu.available()
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_error", None)
+    reason = native.available()
     assert reason is not None and "broken compiler" in reason
 
 

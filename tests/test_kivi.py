@@ -67,21 +67,21 @@ def test_state_machine_matches_the_rules(prompt, chunks, bits):
         assert layer.num_tokens == start
         if snapshot is not None:  # quantized history never changes
             n = snapshot["codes"].shape[2]
-            assert torch.equal(layer.keys.groups["codes"].view()[:, :, :n], snapshot["codes"])
+            assert torch.equal(layer.keys.rows["codes"].view()[:, :, :n], snapshot["codes"])
             if snapshot["vcodes"] is not None:
                 n = snapshot["vcodes"].shape[2]
-                assert torch.equal(layer.values.codes.view()[:, :, :n], snapshot["vcodes"])
-        if layer.keys.num_groups:
-            vcodes = layer.values.codes.view().clone() if layer.values.num_quantized else None
-            snapshot = {"codes": layer.keys.groups["codes"].view().clone(), "vcodes": vcodes}
+                assert torch.equal(layer.values.rows["codes"].view()[:, :, :n], snapshot["vcodes"])
+        if layer.keys.num_rows:
+            vcodes = layer.values.rows["codes"].view().clone() if layer.values.num_quantized else None
+            snapshot = {"codes": layer.keys.rows["codes"].view().clone(), "vcodes": vcodes}
     k_hat, v_hat = layer.dequantize()
     ref_k, ref_v, n_key_quant, n_value_quant = kivi_reference(keys, values, config)
     # keys flush in whole blocks of R, so whatever the schedule, tokens mod R stay in the fp residual
-    assert layer.keys.num_groups * config.group_size == n_key_quant
-    assert torch.equal(k_hat[:, :, layer.keys.num_groups * 16 :], keys[:, :, layer.keys.num_groups * 16 :])
+    assert layer.keys.num_rows * config.group_size == n_key_quant
+    assert torch.equal(k_hat[:, :, layer.keys.num_rows * 16 :], keys[:, :, layer.keys.num_rows * 16 :])
     assert torch.equal(v_hat[:, :, -config.residual_length :], values[:, :, -config.residual_length :])
-    assert layer.values.window.length == min(start, config.residual_length)
-    assert layer.keys.residual.length < config.residual_length
+    assert layer.values.fp.length == min(start, config.residual_length)
+    assert layer.keys.fp.length < config.residual_length
     # quantized parts equal the primitives applied to the same blocks (block boundaries depend on the
     # append schedule only through multiples of R, so the one-shot reference sees the same blocks)
     assert torch.equal(k_hat, ref_k)
@@ -94,7 +94,7 @@ def test_prompt_quantization_counts():
     for tokens, key_fp, value_quant in [(100, 100, 0), (128, 0, 0), (300, 44, 172), (1000, 1000 % 128, 872)]:
         layer = kvpack.make_layer(config)
         layer.append(*make_kv(batch=1, heads=1, tokens=tokens))
-        assert layer.keys.residual.length == key_fp
+        assert layer.keys.fp.length == key_fp
         assert layer.values.num_quantized == value_quant
 
 
@@ -126,7 +126,7 @@ def test_flush_step_attends_in_full_precision():
     layer.append(keys[:, :, :255], values[:, :, :255])
     layer.append(keys[:, :, 255:256], values[:, :, 255:256])  # residual reaches 256 - 128 = 128: flush
     query = torch.randn(2, 9, 1, 64)
-    assert layer.keys.residual.length == 0
+    assert layer.keys.fp.length == 0
     materialized_keys, _ = layer.materialize()
     assert torch.equal(materialized_keys[:, :, 128:], keys[:, :, 128:256])
     exact = sdpa(query, keys[:, :, :256], values[:, :, :256])
@@ -302,7 +302,7 @@ def test_key_scale_overflow_raises_and_leaves_the_keys_unchanged():
     huge[0, 0, 0, 0], huge[0, 0, 1, 0] = -1e5, 1e5  # overflows a float16 zero and scale
     with pytest.raises(ValueError, match="overflows"):
         layer.keys.append(huge)
-    assert layer.keys.num_tokens == 0 and layer.keys.num_groups == 0
+    assert layer.keys.num_tokens == 0 and layer.keys.num_rows == 0
 
 
 def _snapshot(layer):
@@ -358,7 +358,7 @@ def test_a_failed_first_append_leaves_the_layer_empty(method):
 @pytest.mark.parametrize("mask_kind", ["causal", "bool", "additive"])
 def test_many_query_rows_take_sdpa_over_the_materialized_store_with_the_same_answer(method, mask_kind, monkeypatch):
     """Prefill-sized queries run SDPA over materialize(); it must agree with the packed path, masks included."""
-    from kvpack.methods import base
+    from kvpack import store as base
 
     config = kvpack.config_class(method)(group_size=8, residual_length=16)
     keys, values = make_kv(batch=2, heads=2, tokens=90, seed=6)
@@ -388,11 +388,11 @@ def test_a_long_prompt_leaves_no_prompt_sized_fp_buffers(method):
     layer.append(keys[:, :, :2000], values[:, :, :2000])  # 2000 = 15 * 128 + 80: 80 keys stay in fp
     out = layer.attend(torch.randn(2, 6, 1, 64))  # the flush step still reads the flushed tokens in fp
     assert torch.isfinite(out).all()
-    for buf in (layer.keys.residual, layer.values.window):
+    for buf in (layer.keys.fp, layer.values.fp):
         assert buf.data.shape[2] <= 2 * 128 + 16, buf.data.shape
     for t in range(2000, 2348):  # decode: in-place compaction, no regrowth past the bound
         layer.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
-        for buf in (layer.keys.residual, layer.values.window):
+        for buf in (layer.keys.fp, layer.values.fp):
             assert buf.data.shape[2] <= 2 * 128 + 16, (t, buf.data.shape)
 
 

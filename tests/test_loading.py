@@ -95,7 +95,7 @@ def test_default_cache_config_shape_and_dtype():
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     from kvpack.data import austen
-    from kvpack.kernels import cpu
+    from kvpack.kernels import native as cpu
 
     monkeypatch.setenv("KVPACK_CACHE", str(tmp_path))
     assert loading._cache_root(None) == tmp_path

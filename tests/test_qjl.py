@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import kvpack
-from kvpack.methods.qjl import QJLKeyStore, qjl_key_bits, qjl_sketch
+from kvpack.methods.qjl import QJLKeyFormat, qjl_key_bits, qjl_sketch
 from kvpack.primitives import dequantize_affine, quantize_affine, unpack_bits
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -95,9 +95,9 @@ def estimates_over_seeds(query, keys, n_seeds, sketch_dim, orthogonal):
     config = kvpack.QJLConfig(sketch_dim=sketch_dim, outlier_channels=0, orthogonal=orthogonal, group_size=1,
                               residual_length=1, scale_dtype="float32")
     sketches = torch.stack([qjl_sketch(seed, 0, dim, sketch_dim, orthogonal) for seed in range(n_seeds)])
-    store = QJLKeyStore(config, layer_idx=0)
+    store = QJLKeyFormat(config, layer_idx=0)
     store.sketch = sketches.reshape(-1, dim)  # (n m, D)
-    groups = store.quantize_groups(keys)
+    groups = store.quantize(keys)
     signs = unpack_bits(groups["signs"][:, 0, 0, 0], 1).float() * 2 - 1  # (P, n m)
     signs = signs.reshape(pairs_, n_seeds, sketch_dim).transpose(0, 1)  # (n, P, m)
     norms = groups["norms"][:, 0, 0, 0]  # (P,)
@@ -203,8 +203,8 @@ def test_sign_packing_norms_and_outliers_follow_the_layout():
     config = small_config(sketch_dim=40, outlier_channels=3, outlier_sketch_dim=16)
     keys, values = make_kv(batch=1, heads=1, tokens=17, seed=5)
     layer = flushed_layer(config, keys, values)
-    groups = layer.keys.group_views()
-    sketch = layer.keys.sketch
+    groups = layer.keys.row_views()
+    sketch = layer.keys.format.sketch
     assert set(groups) == {"outlier_idx", "signs", "norms", "outlier_signs", "outlier_norms"}
     assert groups["outlier_idx"].shape == (1, 1, 2, 3) and groups["outlier_idx"].dtype == torch.uint8
     assert groups["signs"].shape == (1, 1, 2, 8, 5) and groups["signs"].dtype == torch.uint8
@@ -232,7 +232,7 @@ def test_sign_packing_norms_and_outliers_follow_the_layout():
 def test_plain_qjl_stores_no_outlier_tensors():
     config = small_config(sketch_dim=32, outlier_channels=0, outlier_sketch_dim=64)  # m_o > m: ignored
     layer = flushed_layer(config, *make_kv(batch=1, heads=1, tokens=17))
-    groups = layer.keys.group_views()
+    groups = layer.keys.row_views()
     assert "outlier_norms" not in groups
     assert groups["outlier_idx"].shape[-1] == 0 and groups["outlier_signs"].shape[-1] == 0
 
@@ -240,7 +240,7 @@ def test_plain_qjl_stores_no_outlier_tensors():
 def test_wide_heads_store_int16_indices():
     layer = flushed_layer(small_config(outlier_channels=2, outlier_sketch_dim=16, sketch_dim=16),
                           *make_kv(batch=1, heads=1, tokens=17, dim=264))
-    assert layer.keys.group_views()["outlier_idx"].dtype == torch.int16
+    assert layer.keys.row_views()["outlier_idx"].dtype == torch.int16
 
 
 # --- scores against the direct formula -----------------------------------------------------------------------
@@ -251,11 +251,11 @@ def test_scores_match_the_direct_formula(name, kwargs):
     config = small_config(**kwargs)
     keys, values = make_kv(batch=2, heads=2, tokens=37, seed=7)  # 32 quantized + 5 in the residual
     layer = flushed_layer(config, keys, values)
-    assert layer.keys.num_groups == 4
+    assert layer.keys.num_rows == 4
     query = torch.randn(2, 6, 3, 32)  # GQA: 3 query heads per kv head
     scores = layer.scores(query)
     assert scores.shape == (2, 6, 3, 37)
-    direct = direct_scores(query, keys[:, :, :32], layer.keys.sketch, config.outlier_channels,
+    direct = direct_scores(query, keys[:, :, :32], layer.keys.format.sketch, config.outlier_channels,
                            config.outlier_sketch_dim, config.group_size)
     torch.testing.assert_close(scores[..., :32].double(), direct, atol=1e-4, rtol=1e-4)
     exact = query @ keys[:, :, 32:].repeat_interleave(3, 1).transpose(-1, -2)
@@ -271,11 +271,11 @@ def test_dtypes(dtype):
                               residual_length=16, scale_dtype=None)
     keys, values = make_kv(batch=1, heads=2, tokens=21, dtype=dtype, seed=11)
     layer = flushed_layer(config, keys, values)
-    groups = layer.keys.group_views()
+    groups = layer.keys.row_views()
     assert groups["norms"].dtype == dtype  # scale_dtype=None: the input dtype
     query = torch.randn(1, 2, 2, 32).to(dtype)
     scores = layer.scores(query)
-    direct = direct_scores(query.float(), keys[:, :, :16], layer.keys.sketch, 2, 16, 8, norm_dtype=dtype)
+    direct = direct_scores(query.float(), keys[:, :, :16], layer.keys.format.sketch, 2, 16, 8, norm_dtype=dtype)
     torch.testing.assert_close(scores[..., :16].double(), direct, atol=1e-3, rtol=1e-3)
     k_hat, v_hat = layer.dequantize()
     assert k_hat.dtype == v_hat.dtype == dtype
@@ -317,19 +317,19 @@ def test_state_machine_matches_the_rules(prompt, chunks, name, kwargs):
         flush = (residual // 16) * 16
         quantized, residual = quantized + flush, residual - flush
         assert layer.num_tokens == start
-        assert layer.keys.num_groups * 8 == quantized
-        assert torch.equal(layer.keys.residual.view(), keys[:, :, quantized:start])  # bit-exact residual
+        assert layer.keys.num_rows * 8 == quantized
+        assert torch.equal(layer.keys.fp.view(), keys[:, :, quantized:start])  # bit-exact residual
         if snapshot is not None:  # quantized history never changes
             for name_, tensor in snapshot.items():
-                assert torch.equal(layer.keys.groups[name_].view()[:, :, : tensor.shape[2]], tensor)
+                assert torch.equal(layer.keys.rows[name_].view()[:, :, : tensor.shape[2]], tensor)
         if flush:  # the flush step attends over fp keys: scores are exact
             query = torch.randn(2, 4, 1, 32)
             exact = query @ keys[:, :, :start].repeat_interleave(2, 1).transpose(-1, -2)
             stored = layer.scores(query)
             torch.testing.assert_close(stored[..., quantized - flush :], exact[..., quantized - flush :],
                                        atol=1e-4, rtol=1e-4)
-        if layer.keys.num_groups:
-            snapshot = {name_: buf.view().clone() for name_, buf in layer.keys.groups.items()}
+        if layer.keys.num_rows:
+            snapshot = {name_: buf.view().clone() for name_, buf in layer.keys.rows.items()}
     k_hat, v_hat = layer.dequantize()
     assert torch.equal(k_hat[:, :, quantized:], keys[:, :, quantized:])
     # values are KIVI's per-token store
@@ -420,11 +420,11 @@ def test_sketch_depends_on_layer_and_initial_layers_get_more_rows():
     keys, values = make_kv(batch=1, heads=1, tokens=17)
     layers = [flushed_layer(config, keys, values, layer_idx=i) for i in range(3)]
     assert [layer.sketch_dim for layer in layers] == [64, 64, 32]
-    assert [layer.keys.group_views()["signs"].shape[-1] for layer in layers] == [8, 8, 4]
+    assert [layer.keys.row_views()["signs"].shape[-1] for layer in layers] == [8, 8, 4]
     for layer in layers:
         expected = qjl_sketch(config.seed, layer.layer_idx, 32, layer.sketch_dim, config.orthogonal)
-        assert torch.equal(layer.keys.sketch, expected)
-    assert not torch.equal(layers[0].keys.sketch, layers[1].keys.sketch)
+        assert torch.equal(layer.keys.format.sketch, expected)
+    assert not torch.equal(layers[0].keys.format.sketch, layers[1].keys.format.sketch)
 
 
 # --- config and bad inputs -------------------------------------------------------------------------------------

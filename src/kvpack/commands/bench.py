@@ -538,13 +538,13 @@ def run(args) -> int:
     print(f"measured: memory bandwidth {limits['bandwidth_gbs']:.1f} GB/s (float32 sum), "
           f"peak {limits['peak_gflops']:.1f} GFLOP/s (float32 matmul); measured again at the end")  # fmt: skip
 
-    from kvpack.kernels import cpu
+    from kvpack.kernels import native
 
     start = time.perf_counter()
-    reason = cpu.available()
+    reason = native.available()
     info["kernel_load_s"] = time.perf_counter() - start
     print(f"fast kernels: {'loaded' if reason is None else 'UNAVAILABLE: ' + reason} ({info['kernel_load_s']:.1f} s, "
-          f"cache {cpu.cache_dir()})")  # fmt: skip
+          f"cache {native.cache_dir()})")  # fmt: skip
 
     rows = []
     if "attention" in args.parts:

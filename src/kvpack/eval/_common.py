@@ -1,7 +1,7 @@
 """Plumbing shared by the model-level suites: one fp prefill, copied into each method's cache, then decode.
 
 Why the prefill is shared: every kvpack method attends exactly during prefill (the tokens an ``append``
-flushes stay visible in full precision to that same step, :mod:`kvpack.methods.base`), so each layer of a
+flushes stay visible in full precision to that same step, :mod:`kvpack.store`), so each layer of a
 compressed model receives the same keys and values as the fp model. Running the prefill once with a
 ``DynamicCache`` and appending its per-layer keys/values to a fresh compressed cache (``cache.update``, the
 call the attention layers make) therefore leaves the cache in the state a prefill through it would, at a

@@ -27,7 +27,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..config import MethodConfig
 from ..errors import CacheFileError
-from ..methods.base import CompressedLayer
+from ..store import CompressedLayer
 from ..registry import config_class, make_layer
 
 __all__ = ["ATTENTION_NAME", "KVHandle", "KVPackCache", "KVPackLayer", "load_cache", "make_cache", "save_cache"]
@@ -73,7 +73,7 @@ class KVHandle:
 
 
 class KVPackLayer(CacheLayerMixin):
-    """One full-attention layer's cache: a kvpack :class:`~kvpack.methods.base.CompressedLayer` behind
+    """One full-attention layer's cache: a kvpack :class:`~kvpack.store.CompressedLayer` behind
     transformers' ``CacheLayerMixin`` API.
 
     Args:

@@ -1,6 +1,9 @@
-"""One module per method: a frozen config and a per-layer store, registered with :mod:`kvpack.registry`."""
+"""One folder per method: config, formats and layer (``__init__``), reference math, kernel ops, CPU kernels.
 
-from .base import CompressedLayer
+Importing this package registers every method with :mod:`kvpack.registry` (the only list of methods).
+"""
+
+from ..store import CompressedLayer
 from .kivi import KIVIConfig, KIVILayer
 from .qjl import QJLConfig, QJLLayer
 from .turbo import TurboConfig, TurboLayer

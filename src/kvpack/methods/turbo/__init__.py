@@ -20,6 +20,9 @@ What kvpack does, and how it deviates from the papers:
 
 Attention reads the codes directly: scores are ``scale_t * <R q, codebook[codes_t]>`` (the query is
 rotated once per step) and ``P.V`` is accumulated in the rotated basis and rotated back once.
+
+This folder holds the whole method: config, formats and layer (here), the reference math
+(``reference.py``), the kernel ops (``ops.py``) and the fused CPU kernels (``cpu.cpp`` / ``cpu.py``).
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ import math
 
 import torch
 
-from .. import kernels
-from ..config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual
-from ..primitives import pack_bits, unpack_bits
-from ..registry import register
-from .base import BlockKeyStore, CompressedLayer, TokenValueStore
+from ...config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual
+from ...primitives import pack_bits, unpack_bits
+from ...registry import register
+from ...store import CompressedLayer, Format
+from . import ops
 
-__all__ = ["TurboConfig", "TurboLayer", "gaussian_codebook", "random_rotation"]
+__all__ = ["TurboConfig", "TurboKeyFormat", "TurboLayer", "TurboValueFormat", "gaussian_codebook", "random_rotation"]
 
 TURBO_BITS = (1, 2, 4, 8)
 
@@ -115,7 +118,7 @@ class TurboConfig(MethodConfig):
 
 
 class _Codec:
-    """Per-token rotated codebook quantization shared by the key and value stores."""
+    """Per-token rotated codebook quantization shared by the key and value formats."""
 
     def __init__(self, bits: int, rotation: torch.Tensor, scale_dtype: torch.dtype):
         self.bits = bits
@@ -168,88 +171,80 @@ class _Codec:
         return self.decode_rotated(codes, scale) @ self.rotation
 
 
-class TurboKeyStore(BlockKeyStore):
-    """Keys per token: ``codes`` (B, H, N, G, D * bits / 8) uint8, ``scale`` (B, H, N, G)."""
-
-    def __init__(self, codec: _Codec, group_size: int, residual_length: int):
-        super().__init__(group_size, residual_length)
-        self.codec = codec
-
-    def quantize_groups(self, keys):
-        batch, heads, tokens, dim = keys.shape
-        codes, scale = self.codec.encode(keys)
-        n = tokens // self.group_size
-        return {
-            "codes": codes.reshape(batch, heads, n, self.group_size, -1),
-            "scale": scale.reshape(batch, heads, n, self.group_size),
-        }
+class _Rotated(Format):
+    """A turbo format: its :class:`_Codec` is built once head_dim is known (the rotation needs it)."""
 
     nonnegative = ("scale",)
 
-    def group_spec(self, batch, heads, dim, dtype, n):
-        codes = ((batch, heads, n, self.group_size, dim * self.codec.bits // 8), torch.uint8)
-        return {"codes": codes, "scale": ((batch, heads, n, self.group_size), self.codec.scale_dtype)}
+    def __init__(self, bits: int, seed: int, layer_idx: int, scale_dtype: torch.dtype):
+        self.bits, self.seed, self.layer_idx, self.scale_dtype = bits, seed, layer_idx, scale_dtype
+        self.codec: _Codec | None = None
 
-    def group_scores(self, query, groups):
+    def build(self, head_dim: int) -> None:
+        self.codec = _Codec(self.bits, random_rotation(head_dim, self.seed, self.layer_idx), self.scale_dtype)
+
+
+class TurboKeyFormat(_Rotated):
+    """Keys per token: ``codes`` (B, H, N, G, D * bits / 8) uint8, ``scale`` (B, H, N, G)."""
+
+    def __init__(self, bits: int, seed: int, layer_idx: int, scale_dtype: torch.dtype, group_size: int):
+        super().__init__(bits, seed, layer_idx, scale_dtype)
+        self.unit = group_size
+
+    def quantize(self, keys):
+        batch, heads, tokens, dim = keys.shape
+        codes, scale = self.codec.encode(keys)
+        n = tokens // self.unit
+        return {
+            "codes": codes.reshape(batch, heads, n, self.unit, -1),
+            "scale": scale.reshape(batch, heads, n, self.unit),
+        }
+
+    def spec(self, batch, heads, dim, dtype, n):
+        codes = ((batch, heads, n, self.unit, dim * self.bits // 8), torch.uint8)
+        return {"codes": codes, "scale": ((batch, heads, n, self.unit), self.scale_dtype)}
+
+    def scores(self, query, groups):
         codec = self.codec
         codec.to(query.device)
         codes = groups["codes"].flatten(2, 3)  # (B, H, N * G, D * bits / 8): a view of the grow buffer
         scale = groups["scale"].flatten(2, 3)  # (B, H, N * G)
         query_rotated = query @ codec.rotation.T  # (B, H, M, D), rotated once per step
-        return kernels.turbo_key_scores(query_rotated, codes, scale, codec.codebook, codec.bits)
+        return ops.turbo_key_scores(query_rotated, codes, scale, codec.codebook, codec.bits)
 
-    def dequantize_groups(self, groups):
+    def dequantize(self, groups):
         batch, heads, n, group, _ = groups["codes"].shape
         return self.codec.decode(groups["codes"], groups["scale"]).reshape(batch, heads, n * group, -1)
 
 
-class TurboValueStore(TokenValueStore):
+class TurboValueFormat(_Rotated):
     """Values per token: ``codes`` (B, H, T, D * bits / 8) uint8, ``scale`` (B, H, T)."""
 
-    def __init__(self, codec: _Codec, residual_length: int):
-        super().__init__(residual_length)
-        self.codec = codec
-
-    def quantize_tokens(self, values):
+    def quantize(self, values):
         codes, scale = self.codec.encode(values)
         return {"codes": codes, "scale": scale}
 
-    nonnegative = ("scale",)
+    def spec(self, batch, heads, dim, dtype, n):
+        codes = ((batch, heads, n, dim * self.bits // 8), torch.uint8)
+        return {"codes": codes, "scale": ((batch, heads, n), self.scale_dtype)}
 
-    def token_spec(self, batch, heads, dim, dtype, n):
-        codes = ((batch, heads, n, dim * self.codec.bits // 8), torch.uint8)
-        return {"codes": codes, "scale": ((batch, heads, n), self.codec.scale_dtype)}
-
-    def token_weighted_sum(self, weights, tokens):
+    def weighted_sum(self, weights, tokens):
         codec = self.codec
         codec.to(weights.device)
-        out_rotated = kernels.turbo_weighted_sum(weights, tokens["codes"], tokens["scale"], codec.codebook, codec.bits)
+        out_rotated = ops.turbo_weighted_sum(weights, tokens["codes"], tokens["scale"], codec.codebook, codec.bits)
         return out_rotated @ codec.rotation  # (B, H, M, D): rotate back once per query row
 
-    def dequantize_tokens(self, tokens):
+    def dequantize(self, tokens):
         return self.codec.decode(tokens["codes"], tokens["scale"])
 
 
 @register(TurboConfig)
 class TurboLayer(CompressedLayer):
-    """One layer's rotated-codebook store; the rotation is built at the first append (head_dim known)."""
+    """One layer's rotated-codebook store; the rotations are built at the first append (head_dim known)."""
 
-    def __init__(self, config: TurboConfig, layer_idx: int = 0) -> None:
-        super().__init__(config, layer_idx)
-        self.keys = self.values = None  # built by _build: the rotation needs head_dim
-
-    def _build(self, head_dim: int) -> None:
+    def formats(self):
         config = self.config
         scale_dtype = SCALE_DTYPES[config.scale_dtype]
         # keys and values get independent rotations (the value rotation uses the next seed)
-        key_codec = _Codec(config.key_bits, random_rotation(head_dim, config.seed, self.layer_idx), scale_dtype)
-        value_codec = _Codec(config.value_bits, random_rotation(head_dim, config.seed + 1, self.layer_idx), scale_dtype)
-        self.keys = TurboKeyStore(key_codec, config.group_size, config.residual_length)
-        self.values = TurboValueStore(value_codec, config.residual_length)
-
-    @property
-    def num_tokens(self) -> int:
-        return 0 if self.keys is None else self.keys.num_tokens
-
-    def nbytes(self, allocated: bool = False) -> int:
-        return 0 if self.keys is None else super().nbytes(allocated)
+        keys = TurboKeyFormat(config.key_bits, config.seed, self.layer_idx, scale_dtype, config.group_size)
+        return keys, TurboValueFormat(config.value_bits, config.seed + 1, self.layer_idx, scale_dtype)

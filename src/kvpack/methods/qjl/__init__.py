@@ -1,4 +1,9 @@
-"""QJL: 1-bit quantized Johnson-Lindenstrauss key sketches (Zandieh et al., arXiv 2406.03482)."""
+"""QJL: 1-bit quantized Johnson-Lindenstrauss key sketches (Zandieh et al., arXiv 2406.03482).
+
+The whole method sits in this folder: config, key format and layer (here; values are KIVI's
+:class:`~kvpack.methods.kivi.AffineValueFormat`), the reference math (``reference.py``), the kernel ops
+(``ops.py``) and the fused CPU kernels (``cpu.cpp`` / ``cpu.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,14 @@ import struct
 
 import torch
 
-from .. import kernels
-from ..config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual
-from ..primitives import unpack_bits
-from ..registry import register
-from .base import BlockKeyStore, CompressedLayer, QuantizedValueStore
+from ...config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual
+from ...primitives import unpack_bits
+from ...registry import register
+from ...store import CompressedLayer, Format
+from ..kivi import AffineValueFormat
+from . import ops
 
-__all__ = ["QJLConfig", "QJLLayer", "QJLKeyStore", "qjl_sketch", "qjl_key_bits"]
+__all__ = ["QJLConfig", "QJLLayer", "QJLKeyFormat", "qjl_sketch", "qjl_key_bits"]
 
 QJL_VALUE_BITS = (2, 4, 8)
 _SQRT_HALF_PI = math.sqrt(math.pi / 2)
@@ -178,15 +184,15 @@ def qjl_sketch(
     return gaussian[:sketch_dim].float().contiguous().to(device)
 
 
-class QJLKeyStore(BlockKeyStore):
-    """Sketched key groups. Storage per group of G tokens (the layout of :func:`kernels.qjl_key_scores`):
+class QJLKeyFormat(Format):
+    """Sketched key groups. Storage per group of G tokens (the layout of :func:`ops.qjl_key_scores`):
     ``outlier_idx`` (B, H, N, k) uint8 (int16 when head_dim > 256), ``signs`` (B, H, N, G, m / 8) uint8,
     ``norms`` (B, H, N, G), ``outlier_signs`` (B, H, N, G, m_o / 8) uint8, ``outlier_norms`` (B, H, N, G);
     norms in ``scale_dtype``. With k = 0 the outlier tensors are empty and ``outlier_norms`` is not stored.
     """
 
     def __init__(self, config: QJLConfig, layer_idx: int) -> None:
-        super().__init__(config.group_size, config.residual_length)
+        self.unit = config.group_size
         self.layer_idx = layer_idx
         self.sketch_dim = config.sketch_dim_for(layer_idx)
         self.outlier_channels = config.outlier_channels
@@ -215,11 +221,11 @@ class QJLKeyStore(BlockKeyStore):
             )
         return stored
 
-    def quantize_groups(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, heads, tokens, dim = keys.shape
         sketch = self.sketch_on(keys.device)  # (m, D)
         k, m_o = self.outlier_channels, self.outlier_sketch_dim
-        grouped = keys.float().reshape(batch, heads, tokens // self.group_size, self.group_size, dim)
+        grouped = keys.float().reshape(batch, heads, tokens // self.unit, self.unit, dim)
         index_dtype = torch.uint8 if dim <= 256 else torch.int16
         if k:
             channel_norms = grouped.norm(dim=3)  # (B, H, N, D): each channel's norm over the group
@@ -232,12 +238,12 @@ class QJLKeyStore(BlockKeyStore):
             keys_out, keys_in = None, grouped
         out = {
             "outlier_idx": outlier_idx.to(index_dtype),  # (B, H, N, k)
-            "signs": kernels.pack_signs(keys_in @ sketch.T),  # (B, H, N, G, m / 8)
+            "signs": ops.pack_signs(keys_in @ sketch.T),  # (B, H, N, G, m / 8)
             "norms": self._norms(keys_in, keys.dtype),  # (B, H, N, G)
         }
         if k:
             sketched_out = keys_out @ sketch[:m_o].T  # (B, H, N, G, m_o)
-            out["outlier_signs"] = kernels.pack_signs(sketched_out)  # (B, H, N, G, m_o / 8)
+            out["outlier_signs"] = ops.pack_signs(sketched_out)  # (B, H, N, G, m_o / 8)
             out["outlier_norms"] = self._norms(keys_out, keys.dtype)
         else:
             out["outlier_signs"] = out["signs"].new_empty(out["signs"].shape[:-1] + (0,))
@@ -245,8 +251,8 @@ class QJLKeyStore(BlockKeyStore):
 
     nonnegative = ("norms", "outlier_norms")
 
-    def group_spec(self, batch, heads, dim, dtype, n):
-        k, group, norm_dtype = self.outlier_channels, self.group_size, self.scale_dtype or dtype
+    def spec(self, batch, heads, dim, dtype, n):
+        k, group, norm_dtype = self.outlier_channels, self.unit, self.scale_dtype or dtype
         norms = ((batch, heads, n, group), norm_dtype)
         spec = {
             "outlier_idx": ((batch, heads, n, k), torch.uint8 if dim <= 256 else torch.int16),
@@ -258,7 +264,7 @@ class QJLKeyStore(BlockKeyStore):
             spec["outlier_norms"] = norms
         return spec
 
-    def check_groups(self, groups, dim):
+    def check(self, groups, dim):
         """Besides the base rules: each group's outlier channels are distinct, ascending and < head_dim, as
         :meth:`quantize_groups` writes them (the score kernels index the query and S with them)."""
         idx = groups.get("outlier_idx")
@@ -268,15 +274,15 @@ class QJLKeyStore(BlockKeyStore):
                 return f"outlier_idx holds channel indices outside [0, {dim})"
             if idx.shape[-1] > 1 and not bool((idx[..., 1:] > idx[..., :-1]).all()):
                 return "outlier_idx is not strictly ascending within a group"
-        return super().check_groups(groups, dim)
+        return super().check(groups, dim)
 
     def _outlier_norms(self, groups: dict[str, torch.Tensor]) -> torch.Tensor:
         if "outlier_norms" in groups:
             return groups["outlier_norms"]
         return groups["norms"].new_zeros(()).expand_as(groups["norms"])  # k = 0: unused, costs nothing
 
-    def group_scores(self, query, groups):
-        return kernels.qjl_key_scores(
+    def scores(self, query, groups):
+        return ops.qjl_key_scores(
             query,
             self.sketch_on(query.device),
             groups["outlier_idx"],
@@ -286,7 +292,7 @@ class QJLKeyStore(BlockKeyStore):
             self._outlier_norms(groups),
         )
 
-    def dequantize_groups(self, groups):
+    def dequantize(self, groups):
         """The unbiased (for Gaussian S) reconstruction ``sqrt(pi/2)/m |k_in| S^T sign(S k_in)`` restricted
         to the inlier channels, plus the same for the outlier part with S_o on the outlier channels.
 
@@ -310,28 +316,22 @@ class QJLKeyStore(BlockKeyStore):
             keys = keys + keys_out * is_outlier.unsqueeze(3)
         return keys.reshape(batch, heads, n * group, dim)
 
-    def nbytes(self, allocated: bool = False) -> int:
-        sketch = 0 if self.sketch is None else self.sketch.numel() * self.sketch.element_size()
-        return super().nbytes(allocated) + sketch
+    def nbytes(self) -> int:
+        return 0 if self.sketch is None else self.sketch.numel() * self.sketch.element_size()
 
 
 @register(QJLConfig)
 class QJLLayer(CompressedLayer):
-    """One layer's QJL store; see :class:`kvpack.methods.base.CompressedLayer` for the API.
+    """One layer's QJL store; see :class:`kvpack.store.CompressedLayer` for the API.
 
     ``nbytes()`` also counts the layer's sketch S (m * head_dim float32, a fixed cost per layer).
     """
 
-    def __init__(self, config: QJLConfig, layer_idx: int = 0) -> None:
-        super().__init__(config, layer_idx)
-        self.keys = QJLKeyStore(config, layer_idx)
-        self.values = QuantizedValueStore(
-            config.value_bits, config.group_size, config.residual_length, config.torch_scale_dtype
-        )
+    def formats(self):
+        config = self.config
+        values = AffineValueFormat(config.value_bits, config.group_size, config.torch_scale_dtype)
+        return QJLKeyFormat(config, self.layer_idx), values
 
     @property
     def sketch_dim(self) -> int:
-        return self.keys.sketch_dim
-
-    def _build(self, head_dim: int) -> None:
-        self.keys.build(head_dim)
+        return self.keys.format.sketch_dim

@@ -1,31 +1,33 @@
-"""The per-layer state machine shared by every method.
+"""The per-layer state machine shared by every method: one :class:`Store` per side, one layer API.
 
-A layer is a key store plus a value store. Both follow KIVI's residual rules (arXiv 2402.02750, Alg. 1):
+A layer is a key store plus a value store. Both follow KIVI's residual rules (arXiv 2402.02750, Alg. 1),
+as two flush policies of one state machine:
 
-* keys collect in a full-precision residual; whenever it holds ``>= R`` tokens, its oldest
-  ``floor(n / R) * R`` tokens are quantized as whole blocks (groups of ``G`` tokens) and leave it;
-* values keep exactly the last ``R`` tokens in full precision; older ones are quantized per token.
+* keys (:class:`BlockFlush`) collect in a full-precision residual; whenever it holds ``>= R`` tokens, its
+  oldest ``floor(n / R) * R`` tokens are quantized as whole blocks (groups of ``G`` tokens) and leave it;
+* values (:class:`WindowFlush`) keep exactly the last ``R`` tokens in full precision; older ones are
+  quantized per token.
 
-Quantized history never changes again. The tokens flushed by the latest ``append`` stay visible in full
-precision to the attention of that same step (the reference code attends before it flushes, and prefill
-attention is exact); ``dequantize()`` shows the stored state after the flush. That copy is a view of
-buffers the layer already holds and is released by the next ``append``.
+What a flush writes, and how attention reads it, is the method's :class:`Format` (one per side, in
+``kvpack.methods.<name>``). Quantized history never changes again. The tokens flushed by the latest
+``append`` stay visible in full precision to the attention of that same step (the reference code attends
+before it flushes, and prefill attention is exact); ``dequantize()`` shows the stored state after the
+flush. That copy is a view of buffers the layer already holds and is released by the next ``append``.
 
 Every per-token or per-group tensor lives in a :class:`GrowBuffer` along axis 2, laid out for the fused
-decode kernels in :mod:`kvpack.kernels`.
+decode kernels of each method.
 """
 
 from __future__ import annotations
 
 import abc
-import math
 
 import torch
 
-from ..config import MethodConfig
-from ..errors import CacheFileError
+from .config import MethodConfig
+from .errors import CacheFileError
 
-__all__ = ["GrowBuffer", "BlockKeyStore", "TokenValueStore", "QuantizedValueStore", "CompressedLayer"]
+__all__ = ["BlockFlush", "CompressedLayer", "Format", "GrowBuffer", "Store", "WindowFlush"]
 
 _GROWTH = 1.5
 #: ``attend`` with at least this many query rows (prefill, chunked prefill) dequantizes the store once and
@@ -115,8 +117,6 @@ class GrowBuffer:
         return per_slot * self.length
 
 
-def _buffers_nbytes(buffers, allocated: bool) -> int:
-    return sum(b.nbytes(allocated) for b in buffers)
 
 
 def _check_values(tensors: dict[str, torch.Tensor], nonnegative: tuple[str, ...]) -> str | None:
@@ -129,269 +129,171 @@ def _check_values(tensors: dict[str, torch.Tensor], nonnegative: tuple[str, ...]
     return None
 
 
-class BlockKeyStore(abc.ABC):
-    """Keys: an fp residual flushed to quantized groups in blocks of ``R`` tokens.
-
-    Subclasses define the quantized format through :meth:`quantize_groups` (fp keys -> per-group tensors,
-    each ``(B, H, n_groups, ...)``), :meth:`group_scores` and :meth:`dequantize_groups`.
-    """
-
-    def __init__(self, group_size: int, residual_length: int) -> None:
-        self.group_size = group_size
-        self.residual_length = residual_length
-        self.groups: dict[str, GrowBuffer] = {}
-        self.residual = GrowBuffer()
-        self.pending: torch.Tensor | None = None  # fp copy of the groups flushed by the last append
-        self.num_groups = 0
-        self._undo: tuple | None = None  # (residual length before, tokens flushed, replaced storage) of the last append
-
-    # --- format, defined by each method -------------------------------------------------------------
-    @abc.abstractmethod
-    def quantize_groups(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``keys`` (B, H, n * G, D) -> named tensors, each (B, H, n, ...)."""
-
-    @abc.abstractmethod
-    def group_scores(self, query: torch.Tensor, groups: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``query`` (B, H, M, D) float32 -> (B, H, M, n * G) float32 estimates of q.k."""
-
-    @abc.abstractmethod
-    def dequantize_groups(self, groups: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Named tensors (B, H, n, ...) -> (B, H, n * G, D) float32 reconstruction."""
-
-    @abc.abstractmethod
-    def group_spec(self, batch: int, heads: int, dim: int, dtype: torch.dtype, n: int) -> dict[str, tuple]:
-        """What :meth:`quantize_groups` stores for ``n`` groups: name -> (shape, dtype), for load validation."""
-
-    def check_groups(self, groups: dict[str, torch.Tensor], dim: int) -> str | None:
-        """Why loaded groups (shapes already checked) are not something this store writes, or None.
-
-        The base rule: no NaN/Inf in floating tensors (the store refuses them on append), and the scale-like
-        tensors named in ``nonnegative`` are >= 0.
-        """
-        return _check_values(groups, self.nonnegative)
-
-    #: Group tensors that the store only ever writes >= 0 (scales, norms).
-    nonnegative: tuple[str, ...] = ()
-
-    # --- state machine ------------------------------------------------------------------------------
-    @property
-    def num_tokens(self) -> int:
-        return self.num_groups * self.group_size + self.residual.length
-
-    def append(self, keys: torch.Tensor) -> None:
-        self.pending = None
-        before = self.residual.length
-        self.residual.append(keys)
-        n_flush = (self.residual.length // self.residual_length) * self.residual_length
-        if n_flush:
-            flushed = self.residual.view()[:, :, :n_flush]
-            try:
-                quantized = self.quantize_groups(flushed)
-            except Exception:
-                self.residual.truncate(before)  # a failed flush (e.g. scale overflow) stores nothing
-                raise
-            for name, tensor in quantized.items():
-                self.groups.setdefault(name, GrowBuffer()).append(tensor)
-            self.num_groups += n_flush // self.group_size
-            # A prompt leaves < R keys in a prompt-sized buffer: shrink it (room for in-place compaction).
-            replaced = self.residual.drop_front(n_flush, keep_capacity=2 * self.residual_length + 16)
-            self.pending = flushed  # a live view: neither compaction nor shrinking touches it before the next append
-        else:
-            replaced = None
-        self._undo = (before, n_flush, replaced)
-
-    def undo_append(self) -> None:
-        """Exactly undo the last :meth:`append` (the layer calls this when the value side then fails).
-
-        Appending only writes past the live residual and past the live groups, and a flush only moves the
-        residual's start, so truncating the groups and moving the start back restores every byte.
-        """
-        if self._undo is None:
-            raise RuntimeError("undo_append: no append to undo")
-        before, n_flush, replaced = self._undo
-        self._undo = self.pending = None
-        if n_flush:
-            self.num_groups -= n_flush // self.group_size
-            for buf in self.groups.values():
-                buf.truncate(self.num_groups)
-            self.groups = {name: buf for name, buf in self.groups.items() if buf.length}  # as before a first flush
-            self.residual.undrop_front(n_flush, replaced)
-        self.residual.truncate(before)
-
-    def group_views(self, n_groups: int | None = None) -> dict[str, torch.Tensor]:
-        n = self.num_groups if n_groups is None else n_groups
-        return {name: buf.view()[:, :, :n] for name, buf in self.groups.items()}
-
-    def _split(self) -> tuple[int, list[torch.Tensor]]:
-        """Quantized groups attention reads, and the fp tensors that follow them (pending, residual)."""
-        fp = [] if self.residual.length == 0 else [self.residual.view()]
-        if self.pending is None:
-            return self.num_groups, fp
-        return self.num_groups - self.pending.shape[2] // self.group_size, [self.pending, *fp]
-
-    def scores(self, query: torch.Tensor) -> torch.Tensor:
-        """q.k for every attended key: ``query`` (B, H, M, D) float32 -> (B, H, M, T) float32."""
-        n_quant, fp = self._split()
-        parts = []
-        if n_quant:
-            parts.append(self.group_scores(query, self.group_views(n_quant)))
-        parts += [query @ k.float().transpose(-1, -2) for k in fp]
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-
-    def materialize(self) -> torch.Tensor:
-        """The keys attention uses this step (pending groups in fp), (B, H, T, D) float32."""
-        n_quant, fp = self._split()
-        parts = [self.dequantize_groups(self.group_views(n_quant))] if n_quant else []
-        parts += [k.float() for k in fp]
-        return torch.cat(parts, dim=2)
-
-    def dequantize(self) -> torch.Tensor:
-        """The stored state, (B, H, T, D) float32."""
-        parts = [self.dequantize_groups(self.group_views())] if self.num_groups else []
-        if self.residual.length:
-            parts.append(self.residual.view().float())
-        return torch.cat(parts, dim=2)
-
-    def crop(self, num_tokens: int) -> None:
-        """Keep the first ``num_tokens`` tokens.
-
-        Whole quantized groups past the cut are dropped; the surviving tokens of a group cut in the middle
-        return to the fp residual as their reconstruction (they are quantized again when next flushed).
-        """
-        self.pending = self._undo = None
-        n_quant_tokens = self.num_groups * self.group_size
-        if num_tokens >= n_quant_tokens:
-            self.residual.truncate(num_tokens - n_quant_tokens)
-            return
-        keep_groups = num_tokens // self.group_size
-        tail = num_tokens - keep_groups * self.group_size
-        tail_keys = None
-        if tail:
-            views = {name: v[:, :, keep_groups : keep_groups + 1] for name, v in self.group_views().items()}
-            tail_keys = self.dequantize_groups(views)[:, :, :tail]
-        dtype = self.residual.data.dtype
-        for buf in self.groups.values():
-            buf.truncate(keep_groups)
-        self.num_groups = keep_groups
-        self.residual = GrowBuffer()
-        if tail_keys is not None:
-            self.residual.append(tail_keys.to(dtype))
-
-    def named_buffers(self) -> dict[str, GrowBuffer]:
-        return {**{f"groups.{name}": buf for name, buf in self.groups.items()}, "residual": self.residual}
-
-    def buffers(self) -> list[GrowBuffer]:
-        return list(self.named_buffers().values())
-
-    def nbytes(self, allocated: bool = False) -> int:
-        return _buffers_nbytes(self.buffers(), allocated)
-
-    def restore(self, tensors: dict[str, torch.Tensor], num_groups: int) -> None:
-        """Load :meth:`named_buffers` contents saved by :meth:`CompressedLayer.state_dict`."""
-        self.pending = self._undo = None
-        for name, tensor in tensors.items():
-            buf = GrowBuffer()
-            buf.append(tensor)
-            if name == "residual":
-                self.residual = buf
-            else:
-                self.groups[name.removeprefix("groups.")] = buf
-        self.num_groups = num_groups
 
 
-class TokenValueStore(abc.ABC):
-    """Values: the last ``R`` tokens in fp, older ones quantized token by token as they leave the window.
-
-    Subclasses define the per-token format through :meth:`quantize_tokens` (fp values -> named tensors,
-    each ``(B, H, n, ...)``), :meth:`token_weighted_sum` and :meth:`dequantize_tokens`.
-    """
+class BlockFlush:
+    """Keys (KIVI): whenever the fp part holds ``>= R`` tokens, its oldest ``floor(n / R) * R`` are quantized."""
 
     def __init__(self, residual_length: int) -> None:
         self.residual_length = residual_length
-        self.tokens: dict[str, GrowBuffer] = {}
-        self.window = GrowBuffer()
-        self.pending: torch.Tensor | None = None  # fp copy of the tokens flushed by the last append
-        self.num_quantized = 0
-        self._undo: tuple | None = None  # (window length before, tokens flushed, replaced storage) of the last append
 
-    @abc.abstractmethod
-    def quantize_tokens(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``values`` (B, H, n, D) -> named tensors, each (B, H, n, ...)."""
+    def count(self, fp_tokens: int) -> int:
+        return (fp_tokens // self.residual_length) * self.residual_length
 
-    @abc.abstractmethod
-    def token_weighted_sum(self, weights: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``weights`` (B, H, M, n) float32 -> (B, H, M, D) float32 over the quantized tokens."""
 
-    @abc.abstractmethod
-    def dequantize_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Named tensors (B, H, n, ...) -> (B, H, n, D) float32."""
+class WindowFlush:
+    """Values (KIVI): exactly the last ``R`` tokens stay in fp; older ones are quantized as they leave."""
 
-    @abc.abstractmethod
-    def token_spec(self, batch: int, heads: int, dim: int, dtype: torch.dtype, n: int) -> dict[str, tuple]:
-        """What :meth:`quantize_tokens` stores for ``n`` tokens: name -> (shape, dtype), for load validation."""
+    def __init__(self, residual_length: int) -> None:
+        self.residual_length = residual_length
 
-    def check_tokens(self, tokens: dict[str, torch.Tensor], dim: int) -> str | None:
-        """Why loaded tokens (shapes already checked) are not something this store writes, or None."""
-        return _check_values(tokens, self.nonnegative)
+    def count(self, fp_tokens: int) -> int:
+        return max(fp_tokens - self.residual_length, 0)
 
-    #: Token tensors that the store only ever writes >= 0 (scales).
+
+class Format(abc.ABC):
+    """A method's quantized format for one side (keys or values): what a flush writes and how it is read.
+
+    Quantized data is a dict of named tensors, each ``(B, H, rows, ...)``; one row holds ``unit`` tokens
+    (a key group of G tokens, or one value token). Attention reads rows through :meth:`scores` (key formats)
+    or :meth:`weighted_sum` (value formats).
+    """
+
+    #: Tokens per quantized row along axis 2.
+    unit: int = 1
+    #: Row tensors the format only ever writes >= 0 (scales, norms): checked when a state is loaded.
     nonnegative: tuple[str, ...] = ()
+
+    def build(self, head_dim: int) -> None:
+        """Hook for head_dim-dependent state (rotations, sketches): called once, before the first tokens."""
+
+    @abc.abstractmethod
+    def quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``x`` (B, H, n * unit, D) fp -> named tensors, each (B, H, n, ...)."""
+
+    @abc.abstractmethod
+    def dequantize(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Named tensors (B, H, n, ...) -> (B, H, n * unit, D) float32 reconstruction."""
+
+    @abc.abstractmethod
+    def spec(self, batch: int, heads: int, dim: int, dtype: torch.dtype, n: int) -> dict[str, tuple]:
+        """What :meth:`quantize` writes for ``n`` rows: name -> (shape, dtype), for load validation."""
+
+    def check(self, rows: dict[str, torch.Tensor], dim: int) -> str | None:
+        """Why loaded rows (shapes already checked) are not something this format writes, or None.
+
+        The base rule: no NaN/Inf in floating tensors (the store refuses them on append), and the tensors
+        named in :attr:`nonnegative` are >= 0.
+        """
+        return _check_values(rows, self.nonnegative)
+
+    def scores(self, query: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Key formats: ``query`` (B, H, M, D) float32 -> (B, H, M, n * unit) float32 estimates of q.k."""
+        raise NotImplementedError(f"{type(self).__name__} is not a key format")
+
+    def weighted_sum(self, weights: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Value formats: ``weights`` (B, H, M, n) float32 -> (B, H, M, D) float32 over the quantized tokens."""
+        raise NotImplementedError(f"{type(self).__name__} is not a value format")
+
+    def nbytes(self) -> int:
+        """Bytes of fixed per-layer state (e.g. QJL's sketch), counted by the layer's ``nbytes``."""
+        return 0
+
+
+class Store:
+    """One side of a layer: an fp part flushed to quantized rows by ``policy``, in ``format``.
+
+    Appending writes only past the live fp tokens and past the live rows, and a flush only moves the fp
+    part's start, so :meth:`undo_append` restores every byte. The fp copy of the tokens flushed by the last
+    append (``pending``) is a view of the fp storage, valid until the next append.
+
+    Args:
+        format: the method's :class:`Format` for this side.
+        policy: :class:`BlockFlush` (keys) or :class:`WindowFlush` (values).
+        names: (quantized, fp) names used in saved states: ("groups", "residual") or ("tokens", "window").
+    """
+
+    def __init__(self, format: Format, policy, names: tuple[str, str]) -> None:
+        self.format = format
+        self.policy = policy
+        self.names = names
+        self.rows: dict[str, GrowBuffer] = {}
+        self.fp = GrowBuffer()
+        self.pending: torch.Tensor | None = None
+        self.num_rows = 0
+        self._undo: tuple | None = None  # (fp length before, tokens flushed, replaced fp storage) of the last append
+
+    @property
+    def unit(self) -> int:
+        return self.format.unit
+
+    @property
+    def num_quantized(self) -> int:
+        """Tokens held quantized."""
+        return self.num_rows * self.format.unit
 
     @property
     def num_tokens(self) -> int:
-        return self.num_quantized + self.window.length
+        return self.num_quantized + self.fp.length
 
-    def append(self, values: torch.Tensor) -> None:
+    def append(self, x: torch.Tensor) -> None:
         self.pending = None
-        before = self.window.length
-        self.window.append(values)
-        n_flush = self.window.length - self.residual_length
-        if n_flush > 0:
-            flushed = self.window.view()[:, :, :n_flush]
+        before = self.fp.length
+        self.fp.append(x)
+        n_flush = self.policy.count(self.fp.length)
+        replaced = None
+        if n_flush:
+            flushed = self.fp.view()[:, :, :n_flush]
             try:
-                quantized = self.quantize_tokens(flushed)
+                quantized = self.format.quantize(flushed)
             except Exception:
-                self.window.truncate(before)  # a failed flush stores nothing
+                self.fp.truncate(before)  # a failed flush (e.g. scale overflow) stores nothing
                 raise
             for name, tensor in quantized.items():
-                self.tokens.setdefault(name, GrowBuffer()).append(tensor)
-            self.num_quantized += n_flush
-            # room for R + one step; a prompt-sized buffer is replaced (see BlockKeyStore.append)
-            replaced = self.window.drop_front(n_flush, keep_capacity=2 * self.residual_length + 16)
-            self.pending = flushed
-        else:
-            replaced = None
-        self._undo = (before, max(n_flush, 0), replaced)
+                self.rows.setdefault(name, GrowBuffer()).append(tensor)
+            self.num_rows += n_flush // self.format.unit
+            # A prompt leaves <= R tokens in a prompt-sized buffer: shrink it (room for in-place compaction).
+            replaced = self.fp.drop_front(n_flush, keep_capacity=2 * self.policy.residual_length + 16)
+            self.pending = flushed  # a live view: neither compaction nor shrinking touches it before the next append
+        self._undo = (before, n_flush, replaced)
 
     def undo_append(self) -> None:
-        """Exactly undo the last :meth:`append` (see :meth:`BlockKeyStore.undo_append`)."""
+        """Exactly undo the last :meth:`append` (the layer calls this when the other side then fails)."""
         if self._undo is None:
             raise RuntimeError("undo_append: no append to undo")
         before, n_flush, replaced = self._undo
         self._undo = self.pending = None
         if n_flush:
-            self.num_quantized -= n_flush
-            for buf in self.tokens.values():
-                buf.truncate(self.num_quantized)
-            self.tokens = {name: buf for name, buf in self.tokens.items() if buf.length}
-            self.window.undrop_front(n_flush, replaced)
-        self.window.truncate(before)
+            self.num_rows -= n_flush // self.format.unit
+            for buf in self.rows.values():
+                buf.truncate(self.num_rows)
+            self.rows = {name: buf for name, buf in self.rows.items() if buf.length}  # as before a first flush
+            self.fp.undrop_front(n_flush, replaced)
+        self.fp.truncate(before)
 
-    def token_views(self, n: int | None = None) -> dict[str, torch.Tensor]:
-        n = self.num_quantized if n is None else n
-        return {name: buf.view()[:, :, :n] for name, buf in self.tokens.items()}
+    def row_views(self, n: int | None = None) -> dict[str, torch.Tensor]:
+        n = self.num_rows if n is None else n
+        return {name: buf.view()[:, :, :n] for name, buf in self.rows.items()}
 
-    def _split(self) -> tuple[int, list[torch.Tensor]]:
-        fp = [] if self.window.length == 0 else [self.window.view()]
+    def split(self) -> tuple[int, list[torch.Tensor]]:
+        """Quantized rows attention reads, and the fp tensors that follow them (pending, fp part)."""
+        fp = [] if self.fp.length == 0 else [self.fp.view()]
         if self.pending is None:
-            return self.num_quantized, fp
-        return self.num_quantized - self.pending.shape[2], [self.pending, *fp]
+            return self.num_rows, fp
+        return self.num_rows - self.pending.shape[2] // self.format.unit, [self.pending, *fp]
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """q.k for every attended key: ``query`` (B, H, M, D) float32 -> (B, H, M, T) float32."""
+        n_rows, fp = self.split()
+        parts = [self.format.scores(query, self.row_views(n_rows))] if n_rows else []
+        parts += [query @ k.float().transpose(-1, -2) for k in fp]
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
         """``weights`` (B, H, M, T) float32 -> sum_t weights[..., t] * v_t, (B, H, M, D) float32."""
-        n_quant, fp = self._split()
-        out = self.token_weighted_sum(weights[..., :n_quant], self.token_views(n_quant)) if n_quant else None
-        start = n_quant
+        n_rows, fp = self.split()
+        start = n_rows * self.format.unit
+        out = self.format.weighted_sum(weights[..., :start], self.row_views(n_rows)) if n_rows else None
         for v in fp:
             part = weights[..., start : start + v.shape[2]] @ v.float()
             out = part if out is None else out + part
@@ -399,91 +301,63 @@ class TokenValueStore(abc.ABC):
         return out
 
     def materialize(self) -> torch.Tensor:
-        n_quant, fp = self._split()
-        parts = [self.dequantize_tokens(self.token_views(n_quant))] if n_quant else []
-        return torch.cat(parts + [v.float() for v in fp], dim=2)
+        """What attention reads this step (pending tokens in fp), (B, H, T, D) float32."""
+        n_rows, fp = self.split()
+        parts = [self.format.dequantize(self.row_views(n_rows))] if n_rows else []
+        return torch.cat(parts + [x.float() for x in fp], dim=2)
 
     def dequantize(self) -> torch.Tensor:
-        parts = [self.dequantize_tokens(self.token_views())] if self.num_quantized else []
-        if self.window.length:
-            parts.append(self.window.view().float())
+        """The stored state, (B, H, T, D) float32."""
+        parts = [self.format.dequantize(self.row_views())] if self.num_rows else []
+        if self.fp.length:
+            parts.append(self.fp.view().float())
         return torch.cat(parts, dim=2)
 
-    def crop(self, num_tokens: int) -> None:
-        """Keep the first ``num_tokens`` tokens (per-token codes need no re-quantization)."""
+    def crop(self, num_tokens: int, dtype: torch.dtype) -> None:
+        """Keep the first ``num_tokens`` tokens.
+
+        Whole rows past the cut are dropped; the surviving tokens of a row cut in the middle (a key group)
+        return to the fp part as their reconstruction in ``dtype`` (quantized again when next flushed).
+        """
         self.pending = self._undo = None
         if num_tokens >= self.num_quantized:
-            self.window.truncate(num_tokens - self.num_quantized)
-        else:
-            for buf in self.tokens.values():
-                buf.truncate(num_tokens)
-            self.num_quantized = num_tokens
-            self.window.truncate(0)
+            self.fp.truncate(num_tokens - self.num_quantized)
+            return
+        unit = self.format.unit
+        keep, tail = divmod(num_tokens, unit)
+        tail_tokens = None
+        if tail:
+            views = {name: v[:, :, keep : keep + 1] for name, v in self.row_views().items()}
+            tail_tokens = self.format.dequantize(views)[:, :, :tail]
+        for buf in self.rows.values():
+            buf.truncate(keep)
+        self.num_rows = keep
+        self.fp = GrowBuffer()
+        if tail_tokens is not None:
+            self.fp.append(tail_tokens.to(dtype))
 
     def named_buffers(self) -> dict[str, GrowBuffer]:
-        return {**{f"tokens.{name}": buf for name, buf in self.tokens.items()}, "window": self.window}
+        quantized, fp = self.names
+        return {**{f"{quantized}.{name}": buf for name, buf in self.rows.items()}, fp: self.fp}
 
     def buffers(self) -> list[GrowBuffer]:
         return list(self.named_buffers().values())
 
     def nbytes(self, allocated: bool = False) -> int:
-        return _buffers_nbytes(self.buffers(), allocated)
+        return sum(b.nbytes(allocated) for b in self.buffers()) + self.format.nbytes()
 
-    def restore(self, tensors: dict[str, torch.Tensor], num_quantized: int) -> None:
-        """Load :meth:`named_buffers` contents saved by :meth:`CompressedLayer.state_dict`."""
+    def restore(self, tensors: dict[str, torch.Tensor], num_rows: int) -> None:
+        """Load :meth:`named_buffers` contents saved by :meth:`CompressedLayer.state_dict` (validated)."""
         self.pending = self._undo = None
+        quantized, fp = self.names
         for name, tensor in tensors.items():
             buf = GrowBuffer()
             buf.append(tensor)
-            if name == "window":
-                self.window = buf
+            if name == fp:
+                self.fp = buf
             else:
-                self.tokens[name.removeprefix("tokens.")] = buf
-        self.num_quantized = num_quantized
-
-
-class QuantizedValueStore(TokenValueStore):
-    """KIVI values: per token, asymmetric min-max in groups of ``G`` channels.
-
-    Storage (kernel layout): ``codes`` (B, H, T_q, D * bits / 8) uint8 packed LSB-first along channels,
-    ``scale`` / ``zero`` (B, H, T_q, D / G) in ``scale_dtype``; ``window`` (B, H, <= R, D) input dtype.
-    """
-
-    def __init__(self, bits: int, group_size: int, residual_length: int, scale_dtype: torch.dtype | None):
-        super().__init__(residual_length)
-        self.bits = bits
-        self.group_size = group_size
-        self.scale_dtype = scale_dtype
-
-    @property
-    def codes(self) -> GrowBuffer:
-        return self.tokens["codes"]
-
-    def quantize_tokens(self, values):
-        from .. import kernels
-
-        codes, scale, zero = kernels.quantize_pack_tokens(values, self.bits, self.group_size, self.scale_dtype)
-        return {"codes": codes, "scale": scale, "zero": zero}  # (B, H, n, D * bits / 8), (B, H, n, D / G) x2
-
-    def token_weighted_sum(self, weights, tokens):
-        from .. import kernels
-
-        return kernels.value_weighted_sum(
-            weights, tokens["codes"], tokens["scale"], tokens["zero"], self.bits, self.group_size
-        )
-
-    nonnegative = ("scale",)
-
-    def token_spec(self, batch, heads, dim, dtype, n):
-        scale = ((batch, heads, n, dim // self.group_size), self.scale_dtype or dtype)
-        return {"codes": ((batch, heads, n, dim * self.bits // 8), torch.uint8), "scale": scale, "zero": scale}
-
-    def dequantize_tokens(self, tokens):
-        from ..primitives import dequantize_affine, unpack_bits
-
-        dim = tokens["scale"].shape[-1] * self.group_size
-        codes = unpack_bits(tokens["codes"], self.bits, dim)
-        return dequantize_affine(codes, tokens["scale"], tokens["zero"], self.group_size, -1)
+                self.rows[name.removeprefix(quantized + ".")] = buf
+        self.num_rows = num_rows
 
 
 _STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -512,19 +386,25 @@ def _last_columns(attention_mask, total: int) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask.float()
 
 
+
 class CompressedLayer:
     """One attention layer's compressed KV store: the public per-layer API of every method.
 
-    Subclasses build ``self.keys`` (a :class:`BlockKeyStore`) and ``self.values``.
+    A method subclasses it and implements :meth:`formats`; keys and values are two :class:`Store` objects
+    with KIVI's flush rules (keys in blocks of R, values a window of R), built here.
     """
 
     config: MethodConfig
-    keys: BlockKeyStore
-    values: TokenValueStore
+    keys: Store
+    values: Store
 
     def __init__(self, config: MethodConfig, layer_idx: int = 0) -> None:
         self.config = config
         self.layer_idx = layer_idx
+        key_format, value_format = self.formats()
+        residual_length = config.residual_length
+        self.keys = Store(key_format, BlockFlush(residual_length), ("groups", "residual"))
+        self.values = Store(value_format, WindowFlush(residual_length), ("tokens", "window"))
         self._shape: tuple[int, int, int] | None = None  # (B, H_kv, D)
         self._dtype: torch.dtype | None = None
         self._device: torch.device | None = None
@@ -563,8 +443,14 @@ class CompressedLayer:
                 if bad:
                     raise ValueError(f"{name} contain {bad} NaN/Inf values; nothing was stored")
 
+    def formats(self) -> tuple[Format, Format]:
+        """The method's (key format, value format) for this layer's config and layer_idx."""
+        raise NotImplementedError
+
     def _build(self, head_dim: int) -> None:
-        """Hook for methods whose stores depend on head_dim: called once, before the first tokens."""
+        """Build head_dim-dependent state (each format's :meth:`Format.build`), before the first tokens."""
+        self.keys.format.build(head_dim)
+        self.values.format.build(head_dim)
 
     # --- public API ---------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -732,8 +618,8 @@ class CompressedLayer:
             "layer_idx": self.layer_idx,
             "shape": list(self._shape),
             "dtype": str(self._dtype).removeprefix("torch."),
-            "key_groups": self.keys.num_groups,
-            "value_quantized": self.values.num_quantized,
+            "key_groups": self.keys.num_rows,
+            "value_quantized": self.values.num_rows,
         }
         return tensors, metadata
 
@@ -767,14 +653,11 @@ class CompressedLayer:
         if len(devices) > 1:
             raise CacheFileError(f"the saved state's tensors are on several devices: {sorted(map(str, devices))}")
         self._build(dim)
-        stores = (("keys", self.keys, "residual", "groups."), ("values", self.values, "window", "tokens."))
         fp_lengths, restored = [], []
-        for (prefix, store, fp_name, quant_prefix), count in zip(stores, counts):
+        for prefix, store, count in (("keys", self.keys, counts[0]), ("values", self.values, counts[1])):
+            quant_prefix, fp_name = store.names[0] + ".", store.names[1]
             own = {name[len(prefix) + 1 :]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
-            if prefix == "keys":
-                spec = store.group_spec(batch, heads, dim, dtype, count)
-            else:
-                spec = store.token_spec(batch, heads, dim, dtype, count)
+            spec = store.format.spec(batch, heads, dim, dtype, count)
             spec = {quant_prefix + name: value for name, value in spec.items()}
             unknown = sorted(set(own) - set(spec) - {fp_name})
             if unknown:
@@ -796,8 +679,7 @@ class CompressedLayer:
                 if tensor.layout != torch.strided:
                     raise CacheFileError(f"{prefix}.{name} is a {tensor.layout} tensor, expected a dense one")
             quantized = {name.removeprefix(quant_prefix): own[name] for name in present}
-            check = store.check_groups if prefix == "keys" else store.check_tokens
-            reason = check(quantized, dim) or _check_values({fp_name: fp_tensor} if fp_tensor is not None else {}, ())
+            reason = store.format.check(quantized, dim) or _check_values({fp_name: fp_tensor} if fp_tensor is not None else {}, ())
             if reason:
                 raise CacheFileError(f"{prefix}: {reason}")
             fp_lengths.append(fp_len)
@@ -805,7 +687,8 @@ class CompressedLayer:
         key_groups, value_quantized = counts
         residual, window = fp_lengths
         residual_length = self.config.residual_length
-        key_tokens, value_tokens = key_groups * self.config.group_size + residual, value_quantized + window
+        key_tokens = key_groups * self.keys.unit + residual
+        value_tokens = value_quantized * self.values.unit + window
         if residual >= residual_length or window > residual_length:
             raise CacheFileError(
                 f"the key residual holds {residual} tokens and the value window {window}; a store keeps < R = "
@@ -853,11 +736,11 @@ class CompressedLayer:
     def crop(self, num_tokens: int) -> None:
         """Keep the first ``num_tokens`` tokens (negative: drop that many from the end)."""
         if self._shape is None:
-            return  # nothing stored (and a method's stores may not exist before the first append)
+            return  # nothing stored
         if num_tokens < 0:
             num_tokens = max(self.num_tokens + num_tokens, 0)
-        self.keys.crop(num_tokens)
-        self.values.crop(num_tokens)
+        self.keys.crop(num_tokens, self._dtype)
+        self.values.crop(num_tokens, self._dtype)
 
     def _apply_batch(self, fn) -> None:
         if self._shape is None:
@@ -884,8 +767,3 @@ class CompressedLayer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer_idx={self.layer_idx}, tokens={self.num_tokens}, config={self.config})"
-
-
-def bits_per_element(nbytes: int, batch: int, heads: int, tokens: int, head_dim: int) -> float:
-    """Effective bits per stored K or V element: ``8 * nbytes / (2 * B * H * T * D)``."""
-    return 8 * nbytes / (2 * batch * heads * tokens * head_dim) if tokens else math.nan

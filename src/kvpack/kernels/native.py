@@ -1,0 +1,167 @@
+"""The fast CPU kernels' shared library: every method's ``cpu.cpp`` compiled on first use, loaded with ctypes.
+
+The library is plain C++ (no torch headers), so building it takes seconds rather than the minutes a
+``torch.utils.cpp_extension`` build of ``torch/extension.h`` takes. Its sources are
+``kernels/csrc/abi.cpp`` plus ``methods/<name>/cpu.cpp`` of every method folder, sharing
+``kernels/csrc/kvpack.h``. It is built once per source set, compiler, flags and target into ``kernels/``
+of kvpack's cache folder (``$KVPACK_CACHE``, else ``~/.cache/kvpack``) and loaded from there afterwards.
+It is compiled with ``-fopenmp``; loaded after torch, the dynamic loader resolves its ``libgomp.so.1`` to
+the copy torch already loaded, so both share one OpenMP thread pool and ``torch.set_num_threads`` governs
+both.
+
+Each method's ``cpu.py`` declares its entry points with :func:`entry`: an ``extern "C" int`` function
+taking a pointer to one argument struct, mirrored by a ``ctypes.Structure``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from kvpack.paths import cache_root
+
+__all__ = ["ABI_VERSION", "available", "cache_dir", "call", "entry", "load", "sources"]
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+_HEADER = Path(__file__).with_name("csrc") / "kvpack.h"
+#: The ABI version, written once: in kvpack.h, read from there.
+ABI_VERSION = int(re.search(r"#define KVPACK_ABI_VERSION (\d+)", _HEADER.read_text()).group(1))
+#: Optimization and target flags; ``$KVPACK_CXXFLAGS`` replaces them (e.g. ``-O3 -march=x86-64`` for a
+#: portable build whose scalar paths are what the SIMD code falls back to). The rest are always added.
+_DEFAULT_CXXFLAGS = ("-O3", "-march=native")
+_REQUIRED_FLAGS = ("-std=c++17", "-fopenmp", "-fPIC")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_ENTRIES: dict[str, type[ctypes.Structure]] = {}
+
+
+def sources() -> list[Path]:
+    """The library's C++ sources: the ABI file and every method folder's ``cpu.cpp``."""
+    return [_HEADER.with_name("abi.cpp"), *sorted((_PACKAGE / "methods").glob("*/cpu.cpp"))]
+
+
+def entry(name: str, args: type[ctypes.Structure]) -> None:
+    """Declare entry point ``name``: ``int name(const args*)``. Called by the methods' ``cpu.py``."""
+    _ENTRIES[name] = args
+    if _lib is not None:
+        _declare(_lib, name, args)
+
+
+def _declare(lib: ctypes.CDLL, name: str, args: type[ctypes.Structure]) -> None:
+    fn = getattr(lib, name)
+    fn.argtypes = [ctypes.POINTER(args)]
+    fn.restype = ctypes.c_int
+
+
+def call(name: str, args: ctypes.Structure) -> int:
+    """Run entry point ``name`` on ``args`` (a filled instance of its struct); returns its int result."""
+    return getattr(load(), name)(ctypes.byref(args))
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ``$KVPACK_CACHE/kernels`` (default ``~/.cache/kvpack/kernels``)."""
+    return cache_root() / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _flags() -> list[str]:
+    custom = os.environ.get("KVPACK_CXXFLAGS")
+    return [*(shlex.split(custom) if custom else _DEFAULT_CXXFLAGS), *_REQUIRED_FLAGS]
+
+
+def _target_id(compiler: str, flags: list[str]) -> str:
+    """What the binary depends on besides the sources: the compiler's own expansion of the flags (the cc1
+    command line lists every ``-march=native`` feature, on any architecture), else the CPU's description."""
+    try:
+        result = subprocess.run([compiler, *flags, "-E", "-v", "-x", "c++", os.devnull], capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        lines = [line for line in result.stderr.splitlines() if "cc1" in line or "-target-feature" in line]
+        if lines:
+            return "\n".join(line.replace(os.devnull, "") for line in lines)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    files = sources()
+    flags = _flags()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    parts = [_HEADER.read_bytes(), *(f.read_bytes() for f in files), " ".join(flags).encode(), version.encode(),
+             _target_id(compiler, flags).encode()]  # fmt: skip
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    target = cache_dir() / f"kvpack_cpu-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("building the kvpack CPU kernels with %s into %s (once)", compiler, target.parent)
+    include = ["-I", str(_HEADER.parent)]
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        objects = [Path(tmp) / f"{i}-{f.parent.name}.o" for i, f in enumerate(files)]
+        jobs = [subprocess.Popen([compiler, *flags, *include, "-c", str(f), "-o", str(o)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for f, o in zip(files, objects)]  # fmt: skip
+        for job, f in zip(jobs, files):
+            _, err = job.communicate()
+            if job.returncode:
+                raise RuntimeError(f"compiling {f} failed:\n{err[-2000:]}")
+        out = Path(tmp) / target.name
+        result = subprocess.run([compiler, *flags, "-shared", *map(str, objects), "-o", str(out)], capture_output=True,
+                                text=True)  # fmt: skip
+        if result.returncode:
+            raise RuntimeError(f"linking the kvpack CPU kernels failed:\n{result.stderr[-2000:]}")
+        os.replace(out, target)  # atomic: concurrent builders never see a partial file
+    return target
+
+
+def load() -> ctypes.CDLL:
+    """Build (first time only) and load the library. Raises ``RuntimeError`` saying why it cannot."""
+    global _lib, _error
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                if os.name != "posix":
+                    raise RuntimeError(f"the CPU kernels are built for POSIX systems, not {os.name}")
+                compiler = _compiler()
+                if compiler is None:
+                    raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+                lib = ctypes.CDLL(str(_build(compiler)))
+                lib.kvpack_abi_version.restype = ctypes.c_int
+                if lib.kvpack_abi_version() != ABI_VERSION:
+                    raise RuntimeError("stale kernel library in the cache (ABI mismatch)")
+                for name, args in _ENTRIES.items():
+                    _declare(lib, name, args)
+                _lib = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                _error = str(err)
+        if _lib is None:
+            raise RuntimeError(_error)
+        return _lib
+
+
+def available() -> str | None:
+    """``None`` when the library loads, else why not."""
+    try:
+        load()
+    except RuntimeError as err:
+        return str(err)
+    return None

@@ -1,0 +1,194 @@
+"""KIVI's fast CPU kernels (``cpu.cpp``): what each one trusts, checked here, and the ctypes calls.
+
+Each ``check_*`` is the one place its kernel's inputs are validated (see :mod:`kvpack.kernels.checks`);
+the ``*_cpu`` implementations assume it returned None. :mod:`kvpack.methods.kivi.ops` wires both into the
+kernel ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ...kernels import native
+from ...kernels.checks import (
+    SCALE_TYPES,
+    bits_in,
+    codes_reason,
+    inner_contiguous,
+    not_cpu,
+    same,
+    scale_reason,
+    small,
+    tensors,
+)
+from . import reference
+
+_BITS = (2, 4, 8)  # the score kernels
+_QUANT_BITS = (1, 2, 4, 8)  # the quantize/pack kernels
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+class KiviKeyScoresArgs(ctypes.Structure):
+    _fields_ = [("query", _P), ("query_strides", _I * 4), ("codes", _P), ("codes_strides", _I * 2), ("scale", _P),
+                ("zero", _P), ("scale_strides", _I * 2), ("scale_type", _I), ("batch", _I), ("heads", _I),
+                ("rows", _I), ("groups", _I), ("head_dim", _I), ("group", _I), ("bits", _I), ("threads", _I),
+                ("out", _P)]  # fmt: skip
+
+
+class ValueWeightedSumArgs(ctypes.Structure):
+    _fields_ = [("weights", _P), ("weights_strides", _I * 4), ("codes", _P), ("codes_strides", _I * 3),
+                ("scale", _P), ("zero", _P), ("scale_strides", _I * 3), ("scale_type", _I), ("batch", _I),
+                ("heads", _I), ("rows", _I), ("tokens", _I), ("head_dim", _I), ("group", _I), ("bits", _I),
+                ("threads", _I), ("out", _P)]  # fmt: skip
+
+
+class QuantizeArgs(ctypes.Structure):
+    _fields_ = [("x", _P), ("x_type", _I), ("x_strides", _I * 4), ("batch", _I), ("heads", _I), ("tokens", _I),
+                ("head_dim", _I), ("group", _I), ("bits", _I), ("scale_type", _I), ("threads", _I), ("codes", _P),
+                ("scale", _P), ("zero", _P)]  # fmt: skip
+
+
+native.entry("kvpack_kivi_key_scores", KiviKeyScoresArgs)
+native.entry("kvpack_value_weighted_sum", ValueWeightedSumArgs)
+native.entry("kvpack_quantize_tokens", QuantizeArgs)
+native.entry("kvpack_quantize_key_groups", QuantizeArgs)
+
+
+# --- checks ------------------------------------------------------------------------------------------------
+def check_kivi_key_scores(query, codes, scale, zero, bits) -> str | None:
+    tensors(query=(query, 4), codes=(codes, 5), scale=(scale, 4), zero=(zero, 4))
+    bits_in(bits, _QUANT_BITS)
+    batch, heads, rows, dim = query.shape
+    same("codes", codes.shape[:2] + codes.shape[3:4], (batch, heads, dim), "(batch, heads, head_dim)")
+    same("scale", scale.shape, codes.shape[:4], "shape")
+    same("zero", zero.shape, scale.shape, "shape")
+    group = codes.shape[-1] * 8 // bits
+    small(rows=rows, head_dim=dim, group=group)
+    if bits not in _BITS:
+        return f"bits={bits} (fast kernels take {_BITS})"
+    if group % 8:
+        return f"group_size {group} (fast kernels need a multiple of 8)"
+    return (not_cpu(query, codes, scale, zero) or codes_reason(codes) or scale_reason(scale, zero)
+            or (None if query.dtype == torch.float32 else f"query dtype {query.dtype} (expected float32)"))  # fmt: skip
+
+
+def check_value_weighted_sum(weights, codes, scale, zero, bits, group_size) -> str | None:
+    tensors(weights=(weights, 4), codes=(codes, 4), scale=(scale, 4), zero=(zero, 4))
+    bits_in(bits, _QUANT_BITS)
+    if type(group_size) is not int or group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    batch, heads, rows, tokens = weights.shape
+    same("codes", codes.shape[:3], (batch, heads, tokens), "(batch, heads, tokens)")
+    same("scale", scale.shape[:3], (batch, heads, tokens), "(batch, heads, tokens)")
+    same("zero", zero.shape, scale.shape, "shape")
+    dim = scale.shape[-1] * group_size
+    if dim * bits % 8 or codes.shape[-1] != dim * bits // 8:
+        raise ValueError(f"codes hold {codes.shape[-1]} bytes per token; {dim} channels at {bits} bits need {dim * bits / 8}")
+    small(rows=rows, head_dim=dim, group_size=group_size)
+    if bits not in _BITS:
+        return f"bits={bits} (fast kernels take {_BITS})"
+    if group_size % 8:
+        return f"group_size {group_size} (fast kernels need a multiple of 8)"
+    return (not_cpu(weights, codes, scale, zero) or codes_reason(codes) or scale_reason(scale, zero)
+            or (None if weights.dtype == torch.float32 else f"weights dtype {weights.dtype} (expected float32)"))  # fmt: skip
+
+
+def check_quantize(x, bits, group_size, scale_dtype=None) -> str | None:
+    """Both quantize kernels; arguments the reference refuses (bits, a group size that does not divide the
+    axis) are left to the reference, which the fast implementation then calls."""
+    tensors(x=(x, 4))
+    if scale_dtype is not None and not isinstance(scale_dtype, torch.dtype):
+        raise TypeError(f"scale_dtype must be a torch.dtype or None, got {scale_dtype!r}")
+    if reason := not_cpu(x):
+        return reason
+    if x.dtype not in SCALE_TYPES:
+        return f"input dtype {x.dtype} (fast kernels take float32, float16, bfloat16)"
+    if (scale_dtype or x.dtype) not in SCALE_TYPES:
+        return f"scale dtype {scale_dtype}"
+    return None
+
+
+# --- implementations ---------------------------------------------------------------------------------------
+def kivi_key_scores_cpu(query, codes, scale, zero, bits):
+    batch, heads, rows, dim = query.shape
+    n_groups = codes.shape[2]
+    group = codes.shape[-1] * 8 // bits
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if not inner_contiguous(codes, 3):
+        codes = codes.contiguous()
+    if not (inner_contiguous(scale, 2) and scale.stride() == zero.stride()):
+        scale, zero = scale.contiguous(), zero.contiguous()
+    out = torch.empty(batch, heads, rows, n_groups * group, dtype=torch.float32)
+    if out.numel() == 0:
+        return out.zero_()
+    args = KiviKeyScoresArgs(query.data_ptr(), query.stride(), codes.data_ptr(), codes.stride()[:2], scale.data_ptr(),
+                             zero.data_ptr(), scale.stride()[:2], SCALE_TYPES[scale.dtype], batch, heads, rows,
+                             n_groups, dim, group, bits, torch.get_num_threads(), out.data_ptr())  # fmt: skip
+    native.call("kvpack_kivi_key_scores", args)
+    return out
+
+
+def value_weighted_sum_cpu(weights, codes, scale, zero, bits, group_size):
+    batch, heads, rows, tokens = weights.shape
+    dim = scale.shape[-1] * group_size
+    if weights.stride(-1) != 1:
+        weights = weights.contiguous()
+    if codes.stride(-1) != 1:
+        codes = codes.contiguous()
+    if not (scale.stride(-1) == 1 and scale.stride() == zero.stride()):
+        scale, zero = scale.contiguous(), zero.contiguous()
+    out = torch.empty(batch, heads, rows, dim, dtype=torch.float32)
+    if tokens == 0 or out.numel() == 0:
+        return out.zero_()
+    args = ValueWeightedSumArgs(weights.data_ptr(), weights.stride(), codes.data_ptr(), codes.stride()[:3],
+                                scale.data_ptr(), zero.data_ptr(), scale.stride()[:3], SCALE_TYPES[scale.dtype],
+                                batch, heads, rows, tokens, dim, group_size, bits, torch.get_num_threads(),
+                                out.data_ptr())  # fmt: skip
+    native.call("kvpack_value_weighted_sum", args)
+    return out
+
+
+def _quantize(entry, x, bits, group_size, scale_dtype, n_rows, shapes):
+    """Run a quantize entry point; ``shapes``: (codes shape, scale shape). Returns None if the C++ flagged a
+    NaN or a scale overflow (the caller then runs the reference, which raises its ValueError)."""
+    small(head_dim=x.shape[-1], group_size=group_size)
+    scale_dtype = scale_dtype or x.dtype
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    codes = torch.empty(shapes[0], dtype=torch.uint8)
+    scale = torch.empty(shapes[1], dtype=scale_dtype)
+    zero = torch.empty_like(scale)
+    batch, heads, _, dim = x.shape
+    args = QuantizeArgs(x.data_ptr(), SCALE_TYPES[x.dtype], x.stride(), batch, heads, n_rows, dim, group_size, bits,
+                        SCALE_TYPES[scale_dtype], torch.get_num_threads(), codes.data_ptr(), scale.data_ptr(),
+                        zero.data_ptr())  # fmt: skip
+    return None if native.call(entry, args) else (codes, scale, zero)
+
+
+def _refused_by_reference(x, bits, group_size, axis_length) -> bool:
+    return (type(bits) is not int or bits not in _QUANT_BITS or type(group_size) is not int or group_size <= 0
+            or axis_length % group_size or x.numel() == 0)  # fmt: skip
+
+
+def quantize_pack_tokens_cpu(values, bits, group_size, scale_dtype=None):
+    batch, heads, tokens, dim = values.shape
+    if not _refused_by_reference(values, bits, group_size, dim):
+        shapes = (batch, heads, tokens, (dim * bits + 7) // 8), (batch, heads, tokens, dim // group_size)
+        result = _quantize("kvpack_quantize_tokens", values, bits, group_size, scale_dtype, tokens, shapes)
+        if result is not None:
+            return result
+    return reference.quantize_pack_tokens(values, bits, group_size, scale_dtype)  # raises, or trivial
+
+
+def quantize_pack_key_groups_cpu(keys, bits, group_size, scale_dtype=None):
+    batch, heads, tokens, dim = keys.shape
+    if not _refused_by_reference(keys, bits, group_size, tokens):
+        n_groups = tokens // group_size
+        shapes = (batch, heads, n_groups, dim, (group_size * bits + 7) // 8), (batch, heads, n_groups, dim)
+        result = _quantize("kvpack_quantize_key_groups", keys, bits, group_size, scale_dtype, n_groups, shapes)
+        if result is not None:
+            return result
+    return reference.quantize_pack_key_groups(keys, bits, group_size, scale_dtype)

@@ -1,0 +1,250 @@
+// QJL's fused CPU kernels: score estimates over sketched key groups, and sign packing at flush.
+#include "kvpack.h"
+
+namespace kvpack {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// QJL: <x, sign> for ROWS vectors x (row stride xs) against one key's packed sign bits (bit p of the
+// sketch in bit p % 8 of byte p / 8, 1 = positive). sum_p x_p s_p, s_p = +-1, is a sum of x with the
+// sign bit flipped where the key's bit is 0: no multiplies, and the bits are expanded once for all rows.
+template <int ROWS>
+inline void sign_dots(const float* x, int64_t xs, int nbits, const uint8_t* bytes, float* dots) {
+#if defined(__AVX2__)
+  const __m256i shifts[4] = {
+      _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24), _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
+      _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8), _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)};
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  __m256 acc[ROWS][2];
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int p = 0;
+  for (; p + 32 <= nbits; p += 32) {  // one 32-bit word: 4 vectors of 8 coordinates
+    uint32_t word;
+    std::memcpy(&word, bytes + p / 8, 4);
+    const __m256i w = _mm256_set1_epi32((int)word);
+    for (int v = 0; v < 4; ++v) {
+      // lane l of vector v: bit 8 v + l moved to the sign position; flip x where that bit is 0
+      const __m256 flip = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_sllv_epi32(w, shifts[v])), sign_bit);
+      for (int r = 0; r < ROWS; ++r)
+        acc[r][v & 1] = _mm256_add_ps(acc[r][v & 1], _mm256_xor_ps(_mm256_loadu_ps(x + r * xs + p + 8 * v), flip));
+    }
+  }
+  for (; p < nbits; p += 8) {  // remaining whole bytes
+    const __m256i w = _mm256_set1_epi32((int)bytes[p / 8]);
+    const __m256 flip = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_sllv_epi32(w, shifts[0])), sign_bit);
+    for (int r = 0; r < ROWS; ++r)
+      acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_xor_ps(_mm256_loadu_ps(x + r * xs + p), flip));
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    const __m256 sum = _mm256_add_ps(acc[r][0], acc[r][1]);
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_movehdup_ps(half));
+    dots[r] = _mm_cvtss_f32(half);
+  }
+#else
+  for (int r = 0; r < ROWS; ++r) {
+    float sum = 0.f;
+    for (int p = 0; p < nbits; ++p) sum += (bytes[p / 8] >> (p % 8)) & 1 ? x[r * xs + p] : -x[r * xs + p];
+    dots[r] = sum;
+  }
+#endif
+}
+
+// QJL scores for one (batch, head), groups [n0, n1), ROWS query rows. sketched: S q (ROWS, m) with row
+// stride sq_row; sketch_t (D, m) float32, the columns of S; outlier_idx (N, k); signs (N, G, m / 8);
+// norms (N, G); outlier_signs (N, G, m_o / 8);
+// outlier_norms (N, G); out (ROWS, N * G) with row stride out_row.
+template <int ROWS>
+void qjl_rows(const float* query, int64_t q_row, const float* sketched, int64_t sq_row, const float* sketch_t,
+              int m, int m_o, int k, const uint8_t* outlier_idx, const uint8_t* signs, const void* norms,
+              const uint8_t* outlier_signs, const void* outlier_norms, int norm_type, float* out, int64_t out_row,
+              int64_t n0, int64_t n1, int G, int D, int* bad_index) {
+  std::vector<float> buf((size_t)3 * ROWS * m);
+  float* sq = buf.data();                 // (ROWS, m): S q
+  float* sq_out = sq + (size_t)ROWS * m;  // (ROWS, m): S q_out, the outlier channels' part
+  float* sq_in = sq_out + (size_t)ROWS * m;
+  std::vector<const float*> columns(k);    // S[:, c] for the group's outlier channels c
+  std::vector<float> q_out((size_t)ROWS * k);  // (ROWS, k): the query at those channels
+  for (int r = 0; r < ROWS; ++r)
+    for (int p = 0; p < m; ++p) sq[r * m + p] = sketched[r * sq_row + p];
+  const float sqrt_half_pi = 1.2533141373155003f;
+  const float c_in = sqrt_half_pi / m;
+  const float c_out = m_o ? sqrt_half_pi / m_o : 0.f;
+  const int bytes_in = m / 8, bytes_out = m_o / 8;
+  float dots[ROWS];
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* x_in = sq;
+    if (k) {
+      // S q_out = sum over outlier channels c of q_c S[:, c]; S q_in = S q - S q_out
+      for (int i = 0; i < k; ++i) {
+        int ch = outlier_idx[n * k + i];
+        if (ch >= D) {  // a forged index: flag it and read channel 0 instead of memory past the buffers
+          *bad_index = 1;
+          ch = 0;
+        }
+        columns[i] = sketch_t + (int64_t)ch * m;
+        for (int r = 0; r < ROWS; ++r) q_out[r * k + i] = query[r * q_row + ch];
+      }
+      for (int r = 0; r < ROWS; ++r) {
+        const float* qo = q_out.data() + r * k;
+        int p = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        for (; p + 32 <= m; p += 32) {  // 4 independent FMA chains hide the FMA latency
+          __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+          for (int i = 0; i < k; ++i) {
+            const __m256 qi = _mm256_set1_ps(qo[i]);
+            for (int v = 0; v < 4; ++v) acc[v] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(columns[i] + p + 8 * v), acc[v]);
+          }
+          for (int v = 0; v < 4; ++v) {
+            _mm256_storeu_ps(sq_out + r * m + p + 8 * v, acc[v]);
+            _mm256_storeu_ps(sq_in + r * m + p + 8 * v, _mm256_sub_ps(_mm256_loadu_ps(sq + r * m + p + 8 * v), acc[v]));
+          }
+        }
+#endif
+        for (; p < m; ++p) {
+          float acc = 0.f;
+          for (int i = 0; i < k; ++i) acc += qo[i] * columns[i][p];
+          sq_out[r * m + p] = acc;
+          sq_in[r * m + p] = sq[r * m + p] - acc;
+        }
+      }
+      x_in = sq_in;
+    }
+    for (int g = 0; g < G; ++g) {
+      const int64_t t = n * G + g;
+      sign_dots<ROWS>(x_in, m, m, signs + t * bytes_in, dots);
+      const float scale_in = c_in * load_scale(norms, t, norm_type);
+      for (int r = 0; r < ROWS; ++r) out[r * out_row + t] = scale_in * dots[r];
+      if (k && m_o) {
+        sign_dots<ROWS>(sq_out, m, m_o, outlier_signs + t * bytes_out, dots);
+        const float scale_out = c_out * load_scale(outlier_norms, t, norm_type);
+        for (int r = 0; r < ROWS; ++r) out[r * out_row + t] += scale_out * dots[r];
+      }
+    }
+  }
+}
+
+
+
+// q (B, H, M, D) float32 with strides q_s[4] (q_s[3] == 1); sq = S q (B, H, M, m) float32 contiguous;
+// sketch_t (D, m) contiguous;
+// outlier_idx (B, H, N, k) uint8, signs (B, H, N, G, m / 8), norms (B, H, N, G), outlier_signs
+// (B, H, N, G, m_o / 8), outlier_norms (B, H, N, G): batch/head strides in idx_s, signs_s, norms_s,
+// osigns_s, onorms_s (2 each), the rest contiguous; out (B, H, M, N * G) float32 contiguous.
+int qjl_key_scores_impl(const float* q, const int64_t* q_s, const float* sq, const float* sketch_t,
+                           const uint8_t* outlier_idx, const int64_t* idx_s, const uint8_t* signs,
+                           const int64_t* signs_s, const void* norms, const int64_t* norms_s,
+                           const uint8_t* outlier_signs, const int64_t* osigns_s, const void* outlier_norms,
+                           const int64_t* onorms_s, int norm_type, float* out, int64_t B, int64_t H, int M,
+                           int64_t N, int D, int G, int m, int m_o, int k, int threads) {
+  const int esize = norm_type == kF32 ? 4 : 2;
+  const int64_t per_block = std::max<int64_t>(1, 512 / G);
+  const int64_t blocks = (N + per_block - 1) / per_block;
+  const int64_t items = B * H * blocks;
+  const int64_t out_row = N * G;
+  const double work = (double)B * H * M * N * G * (m + m_o) / 8;
+  int bad = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(| : bad) if (threads > 1 && work > 2e5)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t bh = it / blocks, blk = it % blocks;
+    const int64_t b = bh / H, h = bh % H;
+    const int64_t n0 = blk * per_block, n1 = std::min(N, n0 + per_block);
+    const float* qb = q + b * q_s[0] + h * q_s[1];
+    const float* sqb = sq + (b * H + h) * M * m;
+    const uint8_t* ib = outlier_idx ? outlier_idx + b * idx_s[0] + h * idx_s[1] : nullptr;
+    const uint8_t* sb = signs + b * signs_s[0] + h * signs_s[1];
+    const void* nb = static_cast<const char*>(norms) + (b * norms_s[0] + h * norms_s[1]) * esize;
+    const uint8_t* ob = outlier_signs ? outlier_signs + b * osigns_s[0] + h * osigns_s[1] : nullptr;
+    const void* onb =
+        outlier_norms ? static_cast<const char*>(outlier_norms) + (b * onorms_s[0] + h * onorms_s[1]) * esize : nullptr;
+    float* ob_out = out + (b * H + h) * M * out_row;
+    int r = 0;
+    for (; r + 4 <= M; r += 4)
+      qjl_rows<4>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
+                  ob_out + r * out_row, out_row, n0, n1, G, D, &bad);
+    switch (M - r) {
+      case 3: qjl_rows<3>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
+                          ob_out + r * out_row, out_row, n0, n1, G, D, &bad); break;
+      case 2: qjl_rows<2>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
+                          ob_out + r * out_row, out_row, n0, n1, G, D, &bad); break;
+      case 1: qjl_rows<1>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
+                          ob_out + r * out_row, out_row, n0, n1, G, D, &bad); break;
+      default: break;
+    }
+  }
+  return bad;
+}
+
+// Sign bits: x (rows, m) float32 with row stride x_row (unit stride inside a row) -> out (rows, ceil(m / 8))
+// uint8 contiguous, bit p % 8 of byte p / 8 set iff x[p] > 0 (as pack_bits((x > 0).to(uint8), 1)).
+void pack_signs_impl(const float* x, int64_t x_row, int64_t rows, int m, uint8_t* out, int threads) {
+  const int bytes = (m + 7) / 8;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows * m > 1 << 18)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * x_row;
+    uint8_t* dst = out + r * bytes;
+    int p = 0;
+#if defined(__AVX2__)
+    for (; p + 8 <= m; p += 8)  // movemask: lane l's sign bit -> bit l; x > 0 is the compare's mask
+      dst[p / 8] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + p), _mm256_setzero_ps(), _CMP_GT_OQ));
+#endif
+    for (; p < m; p += 8) {
+      uint8_t byte = 0;
+      for (int j = 0; j < 8 && p + j < m; ++j) byte |= (uint8_t)((row[p + j] > 0.f) << j);
+      dst[p / 8] = byte;
+    }
+  }
+}
+
+
+}  // namespace
+}  // namespace kvpack
+
+using namespace kvpack;
+
+// Argument structs: mirrored field by field by the ctypes.Structure classes in cpu.py. Absent optional
+// inputs (no outliers: k = 0; no outlier sketch: m_o = 0) are null pointers with strides 0.
+struct QJLKeyScoresArgs {
+  const float* query;
+  int64_t query_strides[4];
+  const float* sketched;  // S q, (B, H, M, m) contiguous
+  const float* sketch_t;  // S^T, (D, m) contiguous
+  const uint8_t* outlier_idx;
+  int64_t outlier_idx_strides[2];
+  const uint8_t* signs;
+  int64_t signs_strides[2];
+  const void* norms;
+  int64_t norms_strides[2];
+  const uint8_t* outlier_signs;
+  int64_t outlier_signs_strides[2];
+  const void* outlier_norms;
+  int64_t outlier_norms_strides[2];
+  int64_t norm_type, batch, heads, rows, groups, head_dim, group, sketch_dim, outlier_sketch_dim, outliers, threads;
+  float* out;
+};
+
+struct PackSignsArgs {
+  const float* x;
+  int64_t row_stride, rows, bits, threads;
+  uint8_t* out;
+};
+
+extern "C" {
+
+// Returns 1 when an outlier index is >= D (those channels read as channel 0), else 0.
+int kvpack_qjl_key_scores(const QJLKeyScoresArgs* a) {
+  return qjl_key_scores_impl(a->query, a->query_strides, a->sketched, a->sketch_t, a->outlier_idx,
+                             a->outlier_idx_strides, a->signs, a->signs_strides, a->norms, a->norms_strides,
+                             a->outlier_signs, a->outlier_signs_strides, a->outlier_norms, a->outlier_norms_strides,
+                             (int)a->norm_type, a->out, a->batch, a->heads, (int)a->rows, a->groups, (int)a->head_dim,
+                             (int)a->group, (int)a->sketch_dim, (int)a->outlier_sketch_dim, (int)a->outliers,
+                             (int)a->threads);
+}
+
+int kvpack_pack_signs(const PackSignsArgs* a) {
+  pack_signs_impl(a->x, a->row_stride, a->rows, (int)a->bits, a->out, (int)a->threads);
+  return 0;
+}
+
+}  // extern "C"
