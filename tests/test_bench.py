@@ -11,8 +11,9 @@ import json
 
 import pytest
 
+import kvpack
+from kvpack import bench
 from kvpack.cli import main
-from kvpack.commands import bench
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +24,7 @@ def quick_limits(monkeypatch):
 
 
 def test_attention_part_measures_every_row_against_fp32(tmp_path):
-    methods = ["fp32 SDPA", "kvpack KIVI-2", "kvpack QJL", "kvpack turbo", "compat KIVI-2"]
+    methods = ["fp32 SDPA", "kvpack KIVI-2", "kvpack QJL-256", "kvpack turbo", "compat KIVI-2"]
     argv = ["bench", "--parts", "attention", "--batch", "2", "--context", "400", "--layers", "1", "2",
             "--repeat", "1", "--threads", "1", "--out", str(tmp_path), "--methods", *methods]  # fmt: skip
     assert main(argv) == 0
@@ -40,6 +41,20 @@ def test_attention_part_measures_every_row_against_fp32(tmp_path):
     assert one_layer["kvpack KIVI-2"] < one_layer["fp32 SDPA"] < one_layer["compat KIVI-2"]
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert report["machine"]["bandwidth_gbs"] > 0 and report["machine"]["peak_gflops"] > 0
+
+
+def test_every_registered_setting_is_a_bench_row():
+    for label in kvpack.variants():
+        assert f"kvpack {label}" in bench.attention_methods() and f"kvpack {label}" in bench.generate_methods()
+
+
+def test_a_variant_that_computes_something_else_fails_before_it_is_timed(tmp_path, monkeypatch):
+    kernel = kvpack.kernels.registered()["value_weighted_sum"]
+    monkeypatch.setattr(kernel, "cpu", lambda *args: kernel.reference(*args) * 1.01)  # a 1% wrong fast kernel
+    argv = ["bench", "--parts", "attention", "--batch", "1", "--context", "300", "--layers", "1", "--repeat", "1",
+            "--out", str(tmp_path), "--methods", "fp32 SDPA", "kvpack KIVI-2"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="'kvpack KIVI-2' fails validation"):
+        main(argv)
 
 
 def test_unknown_rows_are_rejected(tmp_path):

@@ -31,10 +31,9 @@ def _greedy(model, cache, next_ids, steps):
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize(
     "config",
-    [kvpack.KIVIConfig(group_size=8, residual_length=16), kvpack.QJLConfig(group_size=8, residual_length=16, sketch_dim=32, outlier_sketch_dim=16),
-     kvpack.TurboConfig(key_bits=4, group_size=8, residual_length=16)],
-    ids=lambda c: c.method,
-)
+    [config.replace(group_size=8, residual_length=16) for config in kvpack.variants().values()],
+    ids=list(kvpack.variants()),
+)  # every registered method setting (the registry is the only list of methods)
 def test_a_loaded_cache_continues_exactly_as_the_saved_one(tmp_path, tiny_llama, config, fused):
     if fused:
         kvpack.enable(tiny_llama)

@@ -48,6 +48,15 @@ def check(rows: list[dict]) -> None:
                and "(data)" in row["case"])  # fmt: skip
 
 
+def test_the_matrix_covers_every_registered_method():
+    sys.path.insert(0, str(CHILD.parent))
+    from forgery_cases import LAYER_CONFIGS
+
+    import kvpack
+
+    assert {config.method for config in LAYER_CONFIGS.values()} == set(kvpack.method_names())
+
+
 @pytest.mark.parametrize("method", ["kivi", "kivi4", "qjl", "qjl_plain", "turbo"])
 def test_layer_file_forgeries(tmp_path, method):
     rows = run_cases(method, tmp_path)

@@ -7,7 +7,7 @@ integration and is loaded on first use of its functions.
 from .config import MethodConfig
 from .errors import CacheFileError
 from .methods import CompressedLayer, KIVIConfig, KIVILayer, QJLConfig, QJLLayer, TurboConfig, TurboLayer
-from .registry import config_class, make_layer, method_names
+from .registry import config_class, make_layer, method_names, variants
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "config_class",
     "make_layer",
     "method_names",
+    "variants",
     "__version__",
     "disable",
     "enable",

@@ -15,13 +15,10 @@ def add_arguments(parser) -> None:
 
 
 def demo_configs() -> list[tuple[str, object]]:
-    """(label, config) pairs the demo runs: every method at its defaults and a few bit widths."""
+    """(label, config) pairs the demo runs: every registered method's named settings (:func:`kvpack.variants`)."""
     import kvpack
 
-    configs = [("KIVI-4", kvpack.KIVIConfig(key_bits=4, value_bits=4)), ("KIVI-2", kvpack.KIVIConfig())]
-    if hasattr(kvpack, "QJLConfig"):
-        configs.append(("QJL", kvpack.QJLConfig()))
-    return configs
+    return list(kvpack.variants().items())
 
 
 def run(args) -> int:

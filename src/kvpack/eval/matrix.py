@@ -114,22 +114,11 @@ class MethodSpec:
 
 
 def default_methods() -> list[MethodSpec]:
-    """fp, KIVI-4, KIVI-2, QJL at m = 2d and 4d (d = 64), every other registered method at defaults, and
-    turbo with 4-bit keys and 2-bit values (``turbo-K4V2``: keys carry most of the attention error)."""
-    from .. import KIVIConfig, QJLConfig, TurboConfig
+    """fp, then every registered method's named settings (:func:`kvpack.variants`: KIVI-4, KIVI-2, QJL at
+    m = 2d and 4d (d = 64), turbo, and turbo with 4-bit keys and 2-bit values, ...)."""
+    from ..registry import variants
 
-    specs = [
-        MethodSpec("fp"),
-        MethodSpec("KIVI-4", KIVIConfig(key_bits=4, value_bits=4)),
-        MethodSpec("KIVI-2", KIVIConfig(key_bits=2, value_bits=2)),
-        MethodSpec("QJL-128", QJLConfig(sketch_dim=128)),
-        MethodSpec("QJL-256", QJLConfig(sketch_dim=256)),
-    ]
-    for name in method_names():
-        if name not in ("kivi", "qjl"):
-            specs.append(MethodSpec(name, config_class(name)()))
-    specs.append(MethodSpec("turbo-K4V2", TurboConfig(key_bits=4, value_bits=2)))
-    return specs
+    return [MethodSpec("fp")] + [MethodSpec(label, config) for label, config in variants().items()]
 
 
 # --- settings -----------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import importlib.metadata
 import json
 import math
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +49,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_revision() -> str | None:
     """``<commit>`` or ``<commit>+dirty`` of the kvpack checkout, None outside a git checkout."""
     import subprocess
@@ -80,31 +68,15 @@ def _git_revision() -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    """Versions and machine: CPU model, cores, torch threads, load average, library versions."""
-    import torch
-
+    """Versions and machine (:func:`kvpack.machine.machine_info`), the date, and the git revision."""
     from .. import __version__
+    from ..machine import machine_info
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "torch_threads": torch.get_num_threads(),
-        "load_average": load,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **machine_info(),
         "kvpack": __version__,
         "git": _git_revision(),
-        "torch": torch.__version__,
         "transformers": _version("transformers"),
     }
 

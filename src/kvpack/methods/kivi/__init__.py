@@ -133,7 +133,7 @@ class AffineValueFormat(Format):
         return dequantize_affine(codes, rows["scale"], rows["zero"], self.group_size, -1)
 
 
-@register(KIVIConfig)
+@register(KIVIConfig, {"KIVI-4": {"key_bits": 4, "value_bits": 4}, "KIVI-2": {}})
 class KIVILayer(CompressedLayer):
     """One layer's KIVI store; see :class:`kvpack.store.CompressedLayer` for the API."""
 

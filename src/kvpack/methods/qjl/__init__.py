@@ -320,7 +320,7 @@ class QJLKeyFormat(Format):
         return 0 if self.sketch is None else self.sketch.numel() * self.sketch.element_size()
 
 
-@register(QJLConfig)
+@register(QJLConfig, {"QJL-128": {"sketch_dim": 128}, "QJL-256": {}})
 class QJLLayer(CompressedLayer):
     """One layer's QJL store; see :class:`kvpack.store.CompressedLayer` for the API.
 

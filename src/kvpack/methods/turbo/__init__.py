@@ -238,7 +238,7 @@ class TurboValueFormat(_Rotated):
         return self.codec.decode(tokens["codes"], tokens["scale"])
 
 
-@register(TurboConfig)
+@register(TurboConfig, {"turbo": {}, "turbo-K4V2": {"key_bits": 4}})
 class TurboLayer(CompressedLayer):
     """One layer's rotated-codebook store; the rotations are built at the first append (head_dim known)."""
 
