@@ -203,7 +203,9 @@ def main() -> None:
         repeat = 3 if name == "reference" else 10
         tk = best_ms(lambda: keys(*key_args, args.bits), repeat)
         tv = best_ms(lambda: values(*value_args, args.bits, args.group), repeat)
-        print(f"{name:<12} keys {tk:8.2f} ms  values {tv:8.2f} ms  sum {tk + tv:8.2f} ms  {sdpa / (tk + tv):6.2f}x SDPA")
+        print(
+            f"{name:<12} keys {tk:8.2f} ms  values {tv:8.2f} ms  sum {tk + tv:8.2f} ms  {sdpa / (tk + tv):6.2f}x SDPA"
+        )
     for name, seconds in first_use.items():
         print(f"first use: {name:<52} {seconds:6.1f} s")
 

@@ -17,6 +17,7 @@ import zlib
 import pytest
 import torch
 
+
 @pytest.fixture(autouse=True)
 def _seeded_global_rng(request):
     """Seed torch's global generator per test (from its id): a test's unseeded draws no longer depend on
@@ -104,8 +105,12 @@ def decode_logits(model, cache, input_ids, attention_mask=None, steps=0, tokens=
     start = 0
     for end in bounds:
         last = forward(
-            input_ids=input_ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
-            cache=cache, use_cache=True, logits_to_keep=1,
+            input_ids=input_ids[:, start:end],
+            attention_mask=mask[:, :end],
+            position_ids=positions[:, start:end],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         start = end
     logits = [last]
@@ -114,10 +119,15 @@ def decode_logits(model, cache, input_ids, attention_mask=None, steps=0, tokens=
         token = logits[-1].argmax(-1) if tokens is None else tokens[:, step]
         fed.append(token)
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        logits.append(forward(
-            input_ids=token[:, None], attention_mask=mask, position_ids=mask.long().sum(-1, keepdim=True) - 1,
-            cache=cache, use_cache=True,
-        ))
+        logits.append(
+            forward(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=mask.long().sum(-1, keepdim=True) - 1,
+                cache=cache,
+                use_cache=True,
+            )
+        )
     fed = torch.stack(fed, dim=1) if fed else input_ids.new_empty(batch, 0)
     return torch.stack(logits, dim=1), fed
 
@@ -129,8 +139,9 @@ def _decode_logits_fixture():
 
 
 @torch.no_grad()
-def fused_and_compat_logits(model, cache, input_ids, attention_mask=None, steps=0, prefill_chunks=1,
-                            compare_prefill=True):
+def fused_and_compat_logits(
+    model, cache, input_ids, attention_mask=None, steps=0, prefill_chunks=1, compare_prefill=True
+):
     """Both kvpack attention paths on the same cache states, step by step.
 
     ``cache`` (a ``KVPackCache``) is driven by the compat path (greedy); before each forward, the fused path
@@ -170,3 +181,12 @@ def fused_and_compat_logits(model, cache, input_ids, attention_mask=None, steps=
 def _fused_and_compat_logits_fixture():
     """:func:`fused_and_compat_logits`: kvpack's fused and compat paths over identical cache states."""
     return fused_and_compat_logits
+
+
+def make_kv(batch=2, heads=3, tokens=100, dim=64, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    channel_scale = torch.ones(dim)
+    channel_scale[:4] = 6.0  # outlier channels, as real keys have
+    keys = torch.randn(batch, heads, tokens, dim, generator=generator) * channel_scale
+    values = torch.randn(batch, heads, tokens, dim, generator=generator)
+    return keys.to(dtype), values.to(dtype)

@@ -30,8 +30,9 @@ LAYER_CONFIGS = {
     "kivi": kvpack.KIVIConfig(group_size=8, residual_length=16),
     "kivi4": kvpack.KIVIConfig(key_bits=4, value_bits=8, group_size=8, residual_length=16, scale_dtype="float32"),
     "qjl": kvpack.QJLConfig(group_size=8, residual_length=16, sketch_dim=32, outlier_sketch_dim=16),
-    "qjl_plain": kvpack.QJLConfig(group_size=8, residual_length=16, sketch_dim=24, outlier_channels=0,
-                                  outlier_sketch_dim=0),  # fmt: skip
+    "qjl_plain": kvpack.QJLConfig(
+        group_size=8, residual_length=16, sketch_dim=24, outlier_channels=0, outlier_sketch_dim=0
+    ),  # fmt: skip
     "turbo": kvpack.TurboConfig(key_bits=4, group_size=8, residual_length=16),
 }
 #: Metadata fields whose change must be refused (or be a no-op): they fix the tensors' shapes, dtypes and
@@ -87,7 +88,9 @@ def tensor_edits(tensors: dict[str, torch.Tensor]):
         rest = {k: v for k, v in tensors.items() if k != name}
         yield f"remove {name}", "structure", rest
         if t.dim():
-            grown = torch.cat([t, t[..., :1]], dim=-1) if t.shape[-1] else torch.zeros(t.shape[:-1] + (1,), dtype=t.dtype)
+            grown = (
+                torch.cat([t, t[..., :1]], dim=-1) if t.shape[-1] else torch.zeros(t.shape[:-1] + (1,), dtype=t.dtype)
+            )
             yield f"grow last axis of {name}", "structure", {**rest, name: grown}
             if t.shape[-1] > 1:
                 yield f"shrink last axis of {name}", "structure", {**rest, name: t[..., :-1]}
@@ -108,13 +111,17 @@ def tensor_edits(tensors: dict[str, torch.Tensor]):
             yield f"fill {name} with 0", "content", {**rest, name: torch.zeros_like(t)}
         else:
             info = torch.iinfo(t.dtype) if t.dtype != torch.bool else None
-            for value in ((info.max, info.min, 0) if info else (True,)):
+            for value in (info.max, info.min, 0) if info else (True,):
                 kind = "content"
                 yield f"fill {name} with {value}", kind, {**rest, name: torch.full_like(t, value)}
         if t.numel():
             flipped = t.clone().reshape(-1).view(torch.uint8)
             flipped[len(flipped) // 2] ^= 0x10
-            yield f"flip a bit of {name} (digest recomputed)", "content", {**rest, name: flipped.view(t.dtype).reshape(t.shape)}
+            yield (
+                f"flip a bit of {name} (digest recomputed)",
+                "content",
+                {**rest, name: flipped.view(t.dtype).reshape(t.shape)},
+            )
     yield "add a stray tensor", "structure", {**tensors, "0.keys.groups.extra": torch.zeros(3)}
     yield "add a tensor of a missing layer", "structure", {**tensors, "9.fp.keys": torch.zeros(1, 1, 1, 16)}
 
@@ -155,7 +162,7 @@ def leaf_edits(obj, path=()):
 
 
 def metadata_kind(path: tuple) -> str:
-    """"structure" for edits of :data:`STRUCTURAL_FIELDS` and of whole entries, else "content"."""
+    """ "structure" for edits of :data:`STRUCTURAL_FIELDS` and of whole entries, else "content"."""
     if len(path) <= 2 or any(field in path for field in STRUCTURAL_FIELDS):
         return "structure"
     return "content"
@@ -166,7 +173,10 @@ def make_layers(method: str):
     config = LAYER_CONFIGS[method]
     gen = torch.Generator().manual_seed(0)
     batch, heads, tokens, dim = SHAPE
-    keys, values = torch.randn(batch, heads, tokens + 1, dim, generator=gen), torch.randn(batch, heads, tokens + 1, dim, generator=gen)
+    keys, values = (
+        torch.randn(batch, heads, tokens + 1, dim, generator=gen),
+        torch.randn(batch, heads, tokens + 1, dim, generator=gen),
+    )
     layer = kvpack.make_layer(config, layer_idx=1)
     layer.append(keys[:, :, :30], values[:, :, :30])
     layer.append(keys[:, :, 30:tokens], values[:, :, 30:tokens])
@@ -282,8 +292,9 @@ def run_layer_cases(method: str, workdir: Path) -> None:
 # --- a saved transformers cache ------------------------------------------------------------------------------
 def run_cache_cases(workdir: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import make_tiny_llama
     from kvpack.hf import runtime
+
+    from conftest import make_tiny_llama
 
     model = make_tiny_llama()
     kvpack.enable(model)

@@ -50,9 +50,9 @@ def check(rows: list[dict]) -> None:
 
 def test_the_matrix_covers_every_registered_method():
     sys.path.insert(0, str(CHILD.parent))
-    from forgery_cases import LAYER_CONFIGS
-
     import kvpack
+
+    from forgery_cases import LAYER_CONFIGS
 
     assert {config.method for config in LAYER_CONFIGS.values()} == set(kvpack.method_names())
 

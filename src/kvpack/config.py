@@ -63,7 +63,9 @@ class MethodConfig:
         for name in self.channel_packed_bits:
             bits = getattr(self, name)
             if head_dim * bits % 8:
-                raise ValueError(f"head_dim {head_dim} at {name}={bits} does not fill whole bytes (head_dim * bits % 8)")
+                raise ValueError(
+                    f"head_dim {head_dim} at {name}={bits} does not fill whole bytes (head_dim * bits % 8)"
+                )
 
     #: Names of the bit-width fields whose codes are packed along head_dim (checked by :meth:`check_head_dim`).
     channel_packed_bits: ClassVar[tuple[str, ...]] = ()
@@ -77,7 +79,7 @@ class MethodConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
         """Build a config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
         data = dict(data)
         method = data.pop("method", cls.method)
@@ -92,6 +94,6 @@ class MethodConfig:
                 data[key] = tuple(value)
         return cls(**data)
 
-    def replace(self, **changes: Any) -> "MethodConfig":
+    def replace(self, **changes: Any) -> MethodConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -13,7 +13,7 @@ __all__ = ["cpu_flags", "cpu_model", "machine_info"]
 _FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpuinfo() -> dict[str, str]:
     fields: dict[str, str] = {}
     try:

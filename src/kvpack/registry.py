@@ -7,7 +7,7 @@ and the saved-cache tests all read :func:`variants`, so a new method appears eve
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from .config import MethodConfig
 

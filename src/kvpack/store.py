@@ -117,8 +117,6 @@ class GrowBuffer:
         return per_slot * self.length
 
 
-
-
 def _check_values(tensors: dict[str, torch.Tensor], nonnegative: tuple[str, ...]) -> str | None:
     """Why ``tensors`` hold values a store never writes (NaN/Inf, a negative scale), or None."""
     for name, tensor in tensors.items():
@@ -127,8 +125,6 @@ def _check_values(tensors: dict[str, torch.Tensor], nonnegative: tuple[str, ...]
         if name in nonnegative and tensor.numel() and bool((tensor < 0).any()):
             return f"{name} holds negative values (the store writes only scales/norms >= 0)"
     return None
-
-
 
 
 class BlockFlush:
@@ -164,7 +160,7 @@ class Format(abc.ABC):
     #: Row tensors the format only ever writes >= 0 (scales, norms): checked when a state is loaded.
     nonnegative: tuple[str, ...] = ()
 
-    def build(self, head_dim: int) -> None:
+    def build(self, head_dim: int) -> None:  # noqa: B027 - an optional hook, empty by default
         """Hook for head_dim-dependent state (rotations, sketches): called once, before the first tokens."""
 
     @abc.abstractmethod
@@ -386,7 +382,6 @@ def _last_columns(attention_mask, total: int) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask.float()
 
 
-
 class CompressedLayer:
     """One attention layer's compressed KV store: the public per-layer API of every method.
 
@@ -421,7 +416,9 @@ class CompressedLayer:
             if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
         if keys.shape != values.shape:
-            raise ValueError(f"keys and values must have the same shape, got {tuple(keys.shape)} and {tuple(values.shape)}")
+            raise ValueError(
+                f"keys and values must have the same shape, got {tuple(keys.shape)} and {tuple(values.shape)}"
+            )
         if keys.dtype != values.dtype:
             raise TypeError(f"keys and values must share a dtype, got {keys.dtype} and {values.dtype}")
         if keys.device != values.device:
@@ -489,6 +486,14 @@ class CompressedLayer:
     def shape(self) -> tuple[int, int, int] | None:
         """``(batch, kv_heads, head_dim)`` of the stored tokens (None before the first append)."""
         return self._shape
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self._shape is None else self._shape[0]
+
+    @property
+    def head_dim(self) -> int | None:
+        return None if self._shape is None else self._shape[2]
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored state: (k_hat, v_hat), each (B, H_kv, T_total, D) in the input dtype."""
@@ -679,7 +684,9 @@ class CompressedLayer:
                 if tensor.layout != torch.strided:
                     raise CacheFileError(f"{prefix}.{name} is a {tensor.layout} tensor, expected a dense one")
             quantized = {name.removeprefix(quant_prefix): own[name] for name in present}
-            reason = store.format.check(quantized, dim) or _check_values({fp_name: fp_tensor} if fp_tensor is not None else {}, ())
+            reason = store.format.check(quantized, dim) or _check_values(
+                {fp_name: fp_tensor} if fp_tensor is not None else {}, ()
+            )
             if reason:
                 raise CacheFileError(f"{prefix}: {reason}")
             fp_lengths.append(fp_len)
@@ -707,11 +714,11 @@ class CompressedLayer:
             raise CacheFileError(f"the saved state's metadata must be a dict, got {type(metadata).__name__}")
         fields = {"config", "layer_idx", "shape", "dtype", "key_groups", "value_quantized"}
         if set(metadata) != fields:
-            raise CacheFileError(
-                f"the saved state's metadata has fields {sorted(metadata)}, expected {sorted(fields)}"
-            )
+            raise CacheFileError(f"the saved state's metadata has fields {sorted(metadata)}, expected {sorted(fields)}")
         if metadata["config"] != self.config.to_dict():
-            raise CacheFileError(f"state was saved with config {metadata['config']}, this layer has {self.config.to_dict()}")
+            raise CacheFileError(
+                f"state was saved with config {metadata['config']}, this layer has {self.config.to_dict()}"
+            )
         if metadata["layer_idx"] != self.layer_idx or not _is_count(metadata["layer_idx"]):
             raise CacheFileError(f"state was saved for layer {metadata['layer_idx']!r}, this is layer {self.layer_idx}")
         shape = metadata["shape"]

@@ -142,7 +142,6 @@ def run_round_robin(variants: dict, repeat: int, budget_s: float = 20.0) -> dict
     return best
 
 
-
 # --- part 1: decode attention -----------------------------------------------------------------------------
 def _synthetic_kv(batch, tokens, seed):
     import torch
@@ -183,7 +182,9 @@ def attention_case(n_layers, batch, context, methods, repeat, seed, limits) -> l
                 continue
             kv = [(keys.to(dtype).clone(), values.to(dtype).clone()) for _ in range(n_layers)]
             q = query.to(dtype)
-            variants[name] = lambda kv=kv, q=q: [F.scaled_dot_product_attention(q, k, v, enable_gqa=True) for k, v in kv]
+            variants[name] = lambda kv=kv, q=q: [
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=True) for k, v in kv
+            ]
             bytes_read[name] = fp32_bytes * (2 if dtype == torch.float32 else 1) // 2
             exact = F.scaled_dot_product_attention(query.double(), keys.double(), values.double(), enable_gqa=True)
             checks[name] = (exact, 2e-2 if dtype == torch.bfloat16 else 1e-4)  # against float64 SDPA
@@ -283,7 +284,6 @@ def run_attention(args, limits, log=print) -> list[dict]:
                     log(f"{n_layers:>6} {batch:>5} {context:>7}  {row['method']:<17} {row['ms']:>9.2f} "
                           f"{ratio:>7} {100 * row['limit_fraction']:>7.1f}%  {row['bound']}")  # fmt: skip
     return rows
-
 
 
 # --- part 2: generation -----------------------------------------------------------------------------------
@@ -395,7 +395,6 @@ def run_generate(args, model, log=print) -> list[dict]:
     return rows
 
 
-
 # --- part 3: prefill --------------------------------------------------------------------------------------
 def run_prefill(args, model, log=print) -> list[dict]:
     """Batch-1 prefill per cache. Every method runs once untimed on a short prompt (first-call costs: kernel
@@ -459,7 +458,6 @@ def _time_appends(cache, accumulator) -> None:
         store.append = timed
 
 
-
 # --- output -----------------------------------------------------------------------------------------------
 def plot(rows: list[dict], path: Path) -> str | None:
     """One panel per attention case (ms per step vs context), one for generation (tokens/s vs batch) and
@@ -502,7 +500,9 @@ def plot(rows: list[dict], path: Path) -> str | None:
             ax.scatter([r["batch"]], [r["tokens_per_s"]], marker="*", s=120, color=colors.get(r["method"], "k"))
         budget_gb = next((r["budget_bytes"] / 1e9 for r in generate if "budget_bytes" in r), None)
         note = f"\nstars: largest batch in {budget_gb:g} GB" if budget_gb else ""
-        ax.set(xlabel="batch", ylabel="tokens/s (greedy)", title=f"generate, {generate[0]['context']}-token prompt{note}")
+        ax.set(
+            xlabel="batch", ylabel="tokens/s (greedy)", title=f"generate, {generate[0]['context']}-token prompt{note}"
+        )
     if prefill:
         ax = axes.pop(0)
         lines(ax, prefill, "context", "ms")

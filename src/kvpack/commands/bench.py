@@ -105,7 +105,9 @@ def run(args) -> int:
         apply_limits(attention, limits)
         print(f"\n== decode attention against this machine's limit: {limits['bandwidth_gbs']:.1f} GB/s, "
               f"{limits['peak_gflops']:.1f} GFLOP/s (best of start and end) ==")  # fmt: skip
-        print(f"{'layers':>6} {'batch':>5} {'context':>7}  {'method':<17} {'ms/step':>9} {'x fp32':>7} {'% limit':>8}  bound")
+        print(
+            f"{'layers':>6} {'batch':>5} {'context':>7}  {'method':<17} {'ms/step':>9} {'x fp32':>7} {'% limit':>8}  bound"
+        )
         for row in attention:
             if "ms" in row:
                 print(f"{row['layers']:>6} {row['batch']:>5} {row['context']:>7}  {row['method']:<17} {row['ms']:>9.2f} "

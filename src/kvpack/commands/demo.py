@@ -39,7 +39,9 @@ def run(args) -> int:
         query, keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
     )
     fp16_bytes = 2 * keys.numel() * 2
-    print(f"synthetic cache: batch {args.batch}, {args.kv_heads} kv heads, {args.tokens} tokens, head_dim {args.head_dim}")
+    print(
+        f"synthetic cache: batch {args.batch}, {args.kv_heads} kv heads, {args.tokens} tokens, head_dim {args.head_dim}"
+    )
     print(f"{'method':<10} {'bytes held':>12} {'vs fp16':>8} {'bits/elem':>9} {'attn rel err':>12}")
     print(f"{'fp16':<10} {fp16_bytes:>12,} {1.0:>7.2f}x {16.0:>9.2f} {'-':>12}")
     for label, config in demo_configs():

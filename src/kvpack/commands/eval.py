@@ -22,9 +22,13 @@ def _csv(kind):
 def add_arguments(parser) -> None:
     parser.add_argument("--config", metavar="YAML", help="YAML file of settings (between the defaults and the flags)")
     parser.add_argument("--quick", action="store_true", help="small preset: a few minutes on 2 cores")
-    parser.add_argument("--suites", type=_csv(str), metavar="LIST", help=f"comma-separated subset of {','.join(_SUITES)}")
     parser.add_argument(
-        "--methods", type=_csv(str), metavar="LIST",
+        "--suites", type=_csv(str), metavar="LIST", help=f"comma-separated subset of {','.join(_SUITES)}"
+    )
+    parser.add_argument(
+        "--methods",
+        type=_csv(str),
+        metavar="LIST",
         help="comma-separated method labels of the default matrix (fp,KIVI-4,KIVI-2,QJL-128,QJL-256, then other "
         "registered methods by name, then turbo-K4V2); fp is always included",
     )
@@ -36,9 +40,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefill", type=int, help="perplexity: prompt tokens per window")
     parser.add_argument("--tokens", type=int, help="perplexity: tokens scored one at a time after the prompt")
     parser.add_argument("--windows", type=int, help="perplexity: text windows")
-    parser.add_argument("--lengths", type=_csv(int), metavar="LIST", help="passkey and NIAH context lengths, comma-separated")
+    parser.add_argument(
+        "--lengths", type=_csv(int), metavar="LIST", help="passkey and NIAH context lengths, comma-separated"
+    )
     parser.add_argument("--depths", type=_csv(float), metavar="LIST", help="passkey and NIAH needle depths in [0, 1]")
-    parser.add_argument("--compat", action="store_true", help="compat attention (dequantized K/V) instead of the fused path")
+    parser.add_argument(
+        "--compat", action="store_true", help="compat attention (dequantized K/V) instead of the fused path"
+    )
     parser.add_argument(
         "--no-share-prefill", action="store_true", help="run every method's own prefill instead of copying the fp one"
     )
@@ -129,7 +137,9 @@ def run(args) -> int:
     result.environment = env
     result.seconds = {"load": round(load_seconds, 2), **result.seconds, "total": round(time.perf_counter() - start, 2)}
     result.cpu_seconds = {
-        "load": round(load_cpu, 2), **result.cpu_seconds, "total": round(time.process_time() - cpu_start, 2)
+        "load": round(load_cpu, 2),
+        **result.cpu_seconds,
+        "total": round(time.process_time() - cpu_start, 2),
     }
     files = write_report(result, out, plots=not args.no_plots)
     print(summary_table(result))

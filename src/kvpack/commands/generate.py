@@ -103,7 +103,7 @@ def method_config_from_args(args):
 
     config_cls = kvpack.config_class(args.method)
     own = {field.name for field in dataclasses.fields(config_cls)}
-    given = {key[len("config_"):]: value for key, value in vars(args).items() if key.startswith("config_")}
+    given = {key[len("config_") :]: value for key, value in vars(args).items() if key.startswith("config_")}
     foreign = sorted(set(given) - own)
     if foreign:
         flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
@@ -156,8 +156,13 @@ def run(args) -> int:
     start = time.perf_counter()
     with torch.no_grad():
         output = runtime.generate(
-            model, cache, **inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
-            pad_token_id=tokenizer.pad_token_id, **sampling,
+            model,
+            cache,
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
         )
     seconds = time.perf_counter() - start
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]

@@ -50,7 +50,7 @@ def run(args) -> int:
     print("default model: SmolLM2-135M-Instruct (kvpack generate --model PATH for another)")
     for line in _default_model_lines():
         print(line)
-    print("fused attention: kvpack.enable(model) registers \"kvpack\" with transformers' AttentionInterface")
+    print('fused attention: kvpack.enable(model) registers "kvpack" with transformers\' AttentionInterface')
     print("methods (defaults):")
     for name in kvpack.method_names():
         fields = kvpack.config_class(name)().to_dict()

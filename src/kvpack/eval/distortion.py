@@ -33,7 +33,6 @@ from ._common import cache_tensors, forward_last, progress_bar
 __all__ = ["AttentionCapture", "DistortionResult", "attention_distortion", "capture_attention"]
 
 
-
 @dataclasses.dataclass
 class AttentionCapture:
     """Real attention inputs of one prefill.
@@ -153,7 +152,9 @@ def capture_attention(model, input_ids: torch.Tensor, queries: int = 32) -> Atte
         scales=[float(getattr(m, "scaling", m.head_dim**-0.5)) for m in modules],
     )
     # Self-check: exact attention of the recorded queries, through o_proj, must give the module's output.
-    for module, query, keys, values, scale in zip(modules, capture.queries, capture.keys, capture.values, capture.scales):
+    for module, query, keys, values, scale in zip(
+        modules, capture.queries, capture.keys, capture.values, capture.scales
+    ):
         attn = _exact_attention(query, keys, values, scale)  # (B, H_q, M, D)
         batch, heads, m, dim = attn.shape
         rebuilt = module.o_proj(attn.transpose(1, 2).reshape(batch, m, heads * dim).to(module.o_proj.weight.dtype))

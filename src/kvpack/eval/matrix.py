@@ -83,7 +83,7 @@ class MethodSpec:
         return {"label": self.label, **self.config.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | str) -> "MethodSpec":
+    def from_dict(cls, data: Mapping[str, Any] | str) -> MethodSpec:
         """From :meth:`to_dict` output, or a label of :func:`default_methods`.
 
         Raises:
@@ -146,7 +146,7 @@ class _Section:
             out[field.name] = list(value) if isinstance(value, tuple) else value
         return out
 
-    def merged(self, changes: Mapping[str, Any], section: str) -> "_Section":
+    def merged(self, changes: Mapping[str, Any], section: str) -> _Section:
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - names)
         if unknown:
@@ -258,9 +258,7 @@ class EvalConfig:
     share_prefill: bool = True
     ppl: PerplexitySettings = PerplexitySettings()
     passkey: RetrievalSettings = RetrievalSettings()
-    niah: RetrievalSettings = RetrievalSettings(
-        tasks=("niah_single_1",), lengths=(2048, 4096), depths=(0.25, 0.75)
-    )
+    niah: RetrievalSettings = RetrievalSettings(tasks=("niah_single_1",), lengths=(2048, 4096), depths=(0.25, 0.75))
     distortion: DistortionSettings = DistortionSettings()
     memory: MemorySettings = MemorySettings()
 
@@ -293,7 +291,7 @@ class EvalConfig:
             out[name] = getattr(self, name).to_dict()
         return out
 
-    def merged(self, changes: Mapping[str, Any]) -> "EvalConfig":
+    def merged(self, changes: Mapping[str, Any]) -> EvalConfig:
         """A copy with ``changes`` (a partial :meth:`to_dict`) applied; sections merge field by field.
 
         Raises:

@@ -94,7 +94,7 @@ class DecodeReference:
     def ppl(self) -> float:
         return math.exp(self.nll.double().mean().item())
 
-    def as_result(self, label: str = "fp") -> "PerplexityResult":
+    def as_result(self, label: str = "fp") -> PerplexityResult:
         """The fp numbers as a :class:`PerplexityResult` (KL 0, agreement 1 by definition)."""
         return PerplexityResult(
             label=label,

@@ -60,7 +60,11 @@ def _git_revision() -> str | None:
         ).stdout.strip()
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=folder, capture_output=True, text=True, timeout=10, check=True,
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -123,7 +127,9 @@ def summary_rows(run: EvalRun) -> list[dict[str, Any]]:
             "ppl": ppl.ppl if ppl else math.nan,
             "kl": ppl.kl if ppl else math.nan,
             "top1": ppl.top1 if ppl else math.nan,
-            "attn_err": distortion.mean if distortion else (0.0 if run.distortion and label not in run.distortion else math.nan),
+            "attn_err": distortion.mean
+            if distortion
+            else (0.0 if run.distortion and label not in run.distortion else math.nan),
         }
         for task in ("passkey", "niah_single_1", "niah_multikey_2"):
             row[task] = _retrieval_accuracy(run, label, task)
@@ -144,7 +150,10 @@ def _fmt(value, spec: str) -> str:
 
 
 def _table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
 
@@ -191,7 +200,9 @@ def _conditions(run: EvalRun) -> list[str]:
                 )
         whole = any(getattr(config, s).question_in_prefill for s in ("passkey", "niah") if s in config.suites)
         mode = "prompt prefilled whole" if whole else "context prefilled, question and answer through the cache"
-        notes.append(f"retrieval accuracy (exact match of the first integer, greedy, {mode}): " + "; ".join(parts) + ".")
+        notes.append(
+            f"retrieval accuracy (exact match of the first integer, greedy, {mode}): " + "; ".join(parts) + "."
+        )
     return notes
 
 
@@ -303,7 +314,9 @@ def _plot_quality(run: EvalRun, path: Path) -> None:
         ax_ppl.annotate(row["method"], (row["bits"], row["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if row["kl"] > 0:
             ax_kl.scatter(row["bits"], row["kl"], color=color)
-            ax_kl.annotate(row["method"], (row["bits"], row["kl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax_kl.annotate(
+                row["method"], (row["bits"], row["kl"]), textcoords="offset points", xytext=(4, 4), fontsize=8
+            )
     if fp_ppl is not None:
         ax_ppl.axhline(fp_ppl, color="gray", linestyle=":", linewidth=1, label="fp")
         ax_ppl.legend(fontsize=8)
@@ -330,7 +343,12 @@ def _plot_retrieval(run: EvalRun, tasks: list[str], path: Path, title: str) -> N
             lengths = sorted({o.length for o in outcomes})
             accuracy = [_mean(o.correct for o in outcomes if o.length == n) for n in lengths]
             ax.plot(
-                lengths, accuracy, marker="o", label=label, color=colors[label], linestyle="--" if label == "fp" else "-"
+                lengths,
+                accuracy,
+                marker="o",
+                label=label,
+                color=colors[label],
+                linestyle="--" if label == "fp" else "-",
             )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")

@@ -27,8 +27,8 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..config import MethodConfig
 from ..errors import CacheFileError
-from ..store import CompressedLayer
 from ..registry import config_class, make_layer
+from ..store import CompressedLayer
 
 __all__ = ["ATTENTION_NAME", "KVHandle", "KVPackCache", "KVPackLayer", "load_cache", "make_cache", "save_cache"]
 
@@ -378,7 +378,9 @@ def save_cache(cache: KVPackCache, path) -> None:
             slots.append((layer.keys, layer.values))
             skip.append(i)
         else:
-            raise ValueError(f"layer {i} is a {type(layer).__name__}; only kvpack and full DynamicLayer layers are saved")
+            raise ValueError(
+                f"layer {i} is a {type(layer).__name__}; only kvpack and full DynamicLayer layers are saved"
+            )
     extra = {
         "kind": _CACHE_KIND,
         "method_config": cache.method_config.to_dict(),
@@ -441,7 +443,9 @@ def load_cache(model, path, device: str | torch.device | None = None) -> KVPackC
             layer_dtype = item[0].dtype
             batch_tokens.add((batch, item[0].shape[2]))
         else:
-            raise CacheFileError(f"{where}: the model's layer is a {type(layer).__name__}, which saved caches do not hold")
+            raise CacheFileError(
+                f"{where}: the model's layer is a {type(layer).__name__}, which saved caches do not hold"
+            )
         if (heads, dim) != (shape["num_kv_heads"], shape["head_dim"] or dim):
             raise CacheFileError(f"{where}: {heads} kv heads of head_dim {dim}, the model has {shape}")
         if dtype is not None and layer_dtype != dtype:

@@ -85,7 +85,9 @@ def check_value_weighted_sum(weights, codes, scale, zero, bits, group_size) -> s
     same("zero", zero.shape, scale.shape, "shape")
     dim = scale.shape[-1] * group_size
     if dim * bits % 8 or codes.shape[-1] != dim * bits // 8:
-        raise ValueError(f"codes hold {codes.shape[-1]} bytes per token; {dim} channels at {bits} bits need {dim * bits / 8}")
+        raise ValueError(
+            f"codes hold {codes.shape[-1]} bytes per token; {dim} channels at {bits} bits need {dim * bits / 8}"
+        )
     small(rows=rows, head_dim=dim, group_size=group_size)
     if bits not in _BITS:
         return f"bits={bits} (fast kernels take {_BITS})"

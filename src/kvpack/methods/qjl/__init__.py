@@ -120,7 +120,9 @@ class QJLConfig(MethodConfig):
     def check_head_dim(self, head_dim: int) -> None:
         super().check_head_dim(head_dim)
         if not self.outlier_channels < head_dim:
-            raise ValueError(f"outlier_channels must be in [0, head_dim) = [0, {head_dim}), got {self.outlier_channels}")
+            raise ValueError(
+                f"outlier_channels must be in [0, head_dim) = [0, {head_dim}), got {self.outlier_channels}"
+            )
 
     def sketch_dim_for(self, layer_idx: int) -> int:
         """m of layer ``layer_idx``: ``initial_sketch_dim`` for the first ``initial_layers`` layers."""
@@ -140,8 +142,9 @@ def _check_sketch_dim(name: str, value, note: str = "") -> None:
         raise ValueError(f"{name} must be at most {MAX_SKETCH_DIM}, got {value!r}")
 
 
-def qjl_key_bits(head_dim: int, sketch_dim: int, outlier_channels: int, outlier_sketch_dim: int,
-                 group_size: int, norm_bits: int = 16) -> float:
+def qjl_key_bits(
+    head_dim: int, sketch_dim: int, outlier_channels: int, outlier_sketch_dim: int, group_size: int, norm_bits: int = 16
+) -> float:
     """Stored bits per key (a whole key, not per coordinate) of a sketched token, excluding S."""
     bits = sketch_dim + norm_bits
     if outlier_channels:

@@ -44,7 +44,7 @@ __all__ = ["TurboConfig", "TurboKeyFormat", "TurboLayer", "TurboValueFormat", "g
 TURBO_BITS = (1, 2, 4, 8)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gaussian_codebook(bits: int, iterations: int = 300) -> tuple[float, ...]:
     """Lloyd-Max centroids for N(0, 1) with ``2**bits`` levels (sorted, symmetric).
 

@@ -14,12 +14,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import kvpack  # noqa: E402
-from kvpack.hf import KVHandle, KVPackCache, KVPackLayer, disable, enable, is_enabled, make_cache  # noqa: E402
-from kvpack.hf.attention import kvpack_attention_forward  # noqa: E402
 from transformers import DynamicCache, DynamicLayer  # noqa: E402
 from transformers.cache_utils import DynamicSlidingWindowLayer  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+
+import kvpack  # noqa: E402
+from kvpack.hf import KVHandle, KVPackCache, KVPackLayer, disable, enable, is_enabled, make_cache  # noqa: E402
+from kvpack.hf.attention import kvpack_attention_forward  # noqa: E402
 
 from conftest import TINY_LLAMA, make_tiny_llama  # noqa: E402
 
@@ -210,8 +211,14 @@ def test_enabled_model_with_a_dynamic_cache_runs_sdpa_exactly(tiny_llama, decode
 def test_fp_residual_covering_everything_equals_dynamic_cache(tiny_llama, config, fused):
     """Nothing quantized (residual_length >= total length): the compat path is bit-exact."""
     input_ids, attention_mask = left_padded_batch()
-    reference = generate(tiny_llama, DynamicCache(config=tiny_llama.config), input_ids, attention_mask,
-                         output_logits=True, return_dict_in_generate=True)
+    reference = generate(
+        tiny_llama,
+        DynamicCache(config=tiny_llama.config),
+        input_ids,
+        attention_mask,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     set_path(tiny_llama, fused)
     cache = make_cache(tiny_llama, config, residual_length=64)
     out = generate(tiny_llama, cache, input_ids, attention_mask, output_logits=True, return_dict_in_generate=True)
@@ -287,8 +294,9 @@ def test_prompt_lookup_decoding_crops_the_cache(tiny_llama, fused, residual_leng
     real_crop = KVPackLayer.crop
     monkeypatch.setattr(KVPackLayer, "crop", lambda self, n: (crops.append(n), real_crop(self, n))[1])
     cache = make_cache(tiny_llama, "kivi", key_bits=8, value_bits=8, group_size=8, residual_length=residual_length)
-    out = tiny_llama.generate(input_ids=input_ids, max_new_tokens=20, do_sample=False, cache=cache,
-                              prompt_lookup_num_tokens=4)
+    out = tiny_llama.generate(
+        input_ids=input_ids, max_new_tokens=20, do_sample=False, cache=cache, prompt_lookup_num_tokens=4
+    )
     assert any(n < 0 for n in crops), "prompt lookup never rejected a draft"
     assert cache.get_seq_length() == out.shape[1] - 1
     if residual_length == 64:  # nothing quantized: exactly greedy decoding
@@ -328,11 +336,11 @@ def test_select_and_repeat_batch_rows(tiny_llama, decode_logits):
     decode_logits(tiny_llama, cache, input_ids, attention_mask, steps=2)
     before = [layer.store.dequantize() for layer in cache.layers]
     cache.batch_repeat_interleave(3)
-    for layer, (keys, values) in zip(cache.layers, before):
+    for layer, (keys, _) in zip(cache.layers, before):
         assert torch.equal(layer.store.dequantize()[0], keys.repeat_interleave(3, dim=0))
     cache.batch_select_indices(torch.tensor([5, 0]))  # rows 5 and 0: the original rows 1 and 0
     cache.reorder_cache(torch.tensor([1, 0]))
-    for layer, (keys, values) in zip(cache.layers, before):
+    for layer, (_, values) in zip(cache.layers, before):
         assert torch.equal(layer.store.dequantize()[1], values)
     cache.batch_select_indices(torch.tensor([False, True]))
     assert cache.layers[0].store._shape[0] == 1
@@ -395,8 +403,16 @@ def test_half_precision_models(dtype, fused):
 @pytest.mark.parametrize("fused", PATHS)
 def test_sliding_window_layers_stay_unquantized(fused):
     config = transformers.Qwen2Config(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1, pad_token_id=0,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(config).eval()
@@ -413,8 +429,9 @@ def test_past_key_values_spelling_still_works(tiny_llama):
     input_ids, attention_mask = left_padded_batch()
     cache = make_cache(tiny_llama, "kivi", **SMALL)
     with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):  # transformers 5.24: use `cache=`
-        out = tiny_llama.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                                  max_new_tokens=4, do_sample=False)
+        out = tiny_llama.generate(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=4, do_sample=False
+        )
     assert cache.get_seq_length() == out.shape[1] - 1
 
 

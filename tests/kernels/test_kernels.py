@@ -14,11 +14,11 @@ import torch
 
 from kvpack import KIVIConfig, QJLConfig, TurboConfig, kernels, make_layer
 from kvpack.kernels import native
+from kvpack.methods.turbo import _Codec, random_rotation
+from kvpack.primitives import dequantize_affine, pack_bits, quantize_affine, unpack_bits
 
 from kernel_helpers import dispatch, reference
 from kernel_helpers import fast as cpu  # the fast CPU kernel of each op, forced
-from kvpack.methods.turbo import _Codec, random_rotation
-from kvpack.primitives import dequantize_affine, pack_bits, quantize_affine, unpack_bits
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ATOL = 1e-5
@@ -150,7 +150,7 @@ QJL_CONFIGS = [
 def qjl_exact(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms):
     """The QJL estimator of kvpack.methods.qjl.reference.qjl_key_scores, in float64."""
     q, s = query.double(), sketch.double()
-    n_groups, group, m = signs.shape[2], signs.shape[3], sketch.shape[0]
+    m = sketch.shape[0]
     m_o, dim = outlier_signs.shape[-1] * 8, query.shape[-1]
     is_out = torch.zeros(outlier_idx.shape[:3] + (dim,), dtype=torch.float64)
     is_out.scatter_(-1, outlier_idx.long(), 1.0)  # (B, H, N, D)
@@ -185,7 +185,7 @@ def test_qjl_key_scores_matches_reference(config, dim):
 
 
 # --- turbo (rotated codebook) -----------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def turbo_codec(bits, dim, scale_dtype):
     return _Codec(bits, random_rotation(dim, seed=2, layer_idx=0), scale_dtype)
 
@@ -551,3 +551,51 @@ def test_fused_generate_same_tokens_on_the_embedded_model(embedded_model):
     want = generate_with(model, input_ids, config, "reference", 8)
     got = generate_with(model, input_ids, config, "fast", 8)
     assert_same_generation(got, want, near_tie=1e-3)
+
+
+# --- the ops themselves ------------------------------------------------------------------------------------
+def op_samples():
+    """name -> valid arguments, one small case per registered kernel."""
+    from kvpack.methods.qjl import QJLKeyFormat
+
+    codes, scale, zero = key_groups(1, 2, 3, 64, 32, 2, torch.float16)
+    vcodes, vscale, vzero = token_values(1, 2, 9, 64, 32, 4, torch.float16)
+    tcodes, tscale, codebook = turbo_tokens(1, 2, 9, 64, 2, torch.float16)
+    qjl = QJLKeyFormat(QJLConfig(group_size=8, residual_length=16, sketch_dim=32, outlier_sketch_dim=16), 0)
+    qjl.build(64)
+    groups = qjl.quantize(torch.randn(1, 2, 16, 64))
+    x = torch.randn(1, 2, 32, 64)
+    return {
+        "kivi_key_scores": (torch.randn(1, 2, 3, 64), codes, scale, zero, 2),
+        "value_weighted_sum": (torch.rand(1, 2, 3, 9), vcodes, vscale, vzero, 4, 32),
+        "quantize_pack_tokens": (x, 2, 32, torch.float16),
+        "quantize_pack_key_groups": (x, 4, 16, None),
+        "qjl_key_scores": (
+            torch.randn(1, 2, 3, 64),
+            qjl.sketch,
+            groups["outlier_idx"],
+            groups["signs"],
+            groups["norms"],
+            groups["outlier_signs"],
+            groups["outlier_norms"],
+        ),  # fmt: skip
+        "pack_signs": (torch.randn(2, 3, 40),),
+        "turbo_key_scores": (torch.randn(1, 2, 3, 64), tcodes, tscale, codebook, 2),
+        "turbo_weighted_sum": (torch.rand(1, 2, 3, 9), tcodes, tscale, codebook, 2),
+    }
+
+
+def test_every_registered_kernel_has_a_sample():
+    assert set(op_samples()) == set(kernels.registered())
+
+
+@pytest.mark.parametrize("name", sorted(kernels.registered()))
+def test_ops_pass_opcheck_and_their_fakes_give_the_real_shapes(name):
+    """torch.library.opcheck (schema, fake tensor, dispatch registrations) on every op, and the fake's
+    shapes and dtypes equal the real outputs' on the CPU and on meta tensors."""
+    kernel, args = kernels.registered()[name], op_samples()[name]
+    torch.library.opcheck(kernel.op, args)
+    real = kernel(*args)
+    meta = kernel(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+    for got, want in zip(meta if isinstance(meta, tuple) else (meta,), real if isinstance(real, tuple) else (real,)):
+        assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype

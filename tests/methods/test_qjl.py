@@ -1,4 +1,3 @@
-import dataclasses
 import hashlib
 import math
 import subprocess
@@ -73,7 +72,9 @@ def direct_scores(query, keys, sketch, outlier_channels, outlier_sketch_dim, gro
 def sdpa(query, keys, values, causal=False):
     rep = query.shape[1] // keys.shape[1]
     return F.scaled_dot_product_attention(
-        query.float(), keys.float().repeat_interleave(rep, 1), values.float().repeat_interleave(rep, 1),
+        query.float(),
+        keys.float().repeat_interleave(rep, 1),
+        values.float().repeat_interleave(rep, 1),
         is_causal=causal,
     )
 
@@ -92,8 +93,14 @@ def estimates_over_seeds(query, keys, n_seeds, sketch_dim, orthogonal):
     ``scores`` and ``dequantize`` of single-seed layers are checked against it for a few seeds.
     """
     pairs_, dim = keys.shape[0], keys.shape[-1]
-    config = kvpack.QJLConfig(sketch_dim=sketch_dim, outlier_channels=0, orthogonal=orthogonal, group_size=1,
-                              residual_length=1, scale_dtype="float32")
+    config = kvpack.QJLConfig(
+        sketch_dim=sketch_dim,
+        outlier_channels=0,
+        orthogonal=orthogonal,
+        group_size=1,
+        residual_length=1,
+        scale_dtype="float32",
+    )
     sketches = torch.stack([qjl_sketch(seed, 0, dim, sketch_dim, orthogonal) for seed in range(n_seeds)])
     store = QJLKeyFormat(config, layer_idx=0)
     store.sketch = sketches.reshape(-1, dim)  # (n m, D)
@@ -155,8 +162,9 @@ def test_orthogonal_sketch_rows_and_blocks():
     torch.testing.assert_close(sketch.norm(dim=-1), torch.full((m,), math.sqrt(dim)), atol=1e-5, rtol=0)
     for start in (0, 16, 32):
         block = sketch[start : start + 16].double()
-        torch.testing.assert_close(block @ block.T, dim * torch.eye(block.shape[0], dtype=torch.float64),
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            block @ block.T, dim * torch.eye(block.shape[0], dtype=torch.float64), atol=1e-4, rtol=0
+        )
     cross = sketch[:16] @ sketch[16:32].T  # independent blocks are not orthogonal to each other
     assert cross.abs().max() > 1
     # Gram-Schmidt in order: the first row is the Gaussian S's first row, rescaled
@@ -238,8 +246,10 @@ def test_plain_qjl_stores_no_outlier_tensors():
 
 
 def test_wide_heads_store_int16_indices():
-    layer = flushed_layer(small_config(outlier_channels=2, outlier_sketch_dim=16, sketch_dim=16),
-                          *make_kv(batch=1, heads=1, tokens=17, dim=264))
+    layer = flushed_layer(
+        small_config(outlier_channels=2, outlier_sketch_dim=16, sketch_dim=16),
+        *make_kv(batch=1, heads=1, tokens=17, dim=264),
+    )
     assert layer.keys.row_views()["outlier_idx"].dtype == torch.int16
 
 
@@ -255,8 +265,14 @@ def test_scores_match_the_direct_formula(name, kwargs):
     query = torch.randn(2, 6, 3, 32)  # GQA: 3 query heads per kv head
     scores = layer.scores(query)
     assert scores.shape == (2, 6, 3, 37)
-    direct = direct_scores(query, keys[:, :, :32], layer.keys.format.sketch, config.outlier_channels,
-                           config.outlier_sketch_dim, config.group_size)
+    direct = direct_scores(
+        query,
+        keys[:, :, :32],
+        layer.keys.format.sketch,
+        config.outlier_channels,
+        config.outlier_sketch_dim,
+        config.group_size,
+    )
     torch.testing.assert_close(scores[..., :32].double(), direct, atol=1e-4, rtol=1e-4)
     exact = query @ keys[:, :, 32:].repeat_interleave(3, 1).transpose(-1, -2)
     torch.testing.assert_close(scores[..., 32:], exact, atol=1e-5, rtol=1e-5)  # residual keys are exact
@@ -267,8 +283,9 @@ def test_scores_match_the_direct_formula(name, kwargs):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dtypes(dtype):
-    config = kvpack.QJLConfig(sketch_dim=32, outlier_channels=2, outlier_sketch_dim=16, group_size=8,
-                              residual_length=16, scale_dtype=None)
+    config = kvpack.QJLConfig(
+        sketch_dim=32, outlier_channels=2, outlier_sketch_dim=16, group_size=8, residual_length=16, scale_dtype=None
+    )
     keys, values = make_kv(batch=1, heads=2, tokens=21, dtype=dtype, seed=11)
     layer = flushed_layer(config, keys, values)
     groups = layer.keys.row_views()
@@ -326,8 +343,9 @@ def test_state_machine_matches_the_rules(prompt, chunks, name, kwargs):
             query = torch.randn(2, 4, 1, 32)
             exact = query @ keys[:, :, :start].repeat_interleave(2, 1).transpose(-1, -2)
             stored = layer.scores(query)
-            torch.testing.assert_close(stored[..., quantized - flush :], exact[..., quantized - flush :],
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                stored[..., quantized - flush :], exact[..., quantized - flush :], atol=1e-4, rtol=1e-4
+            )
         if layer.keys.num_rows:
             snapshot = {name_: buf.view().clone() for name_, buf in layer.keys.rows.items()}
     k_hat, v_hat = layer.dequantize()
@@ -346,8 +364,9 @@ def test_prefill_attention_is_exact_and_the_next_step_reads_codes():
     layer = kvpack.make_layer(config)
     layer.append(keys[:, :, :59], values[:, :, :59])  # 48 tokens flushed, still fp this step
     query = torch.randn(2, 6, 59, 32)
-    torch.testing.assert_close(layer.attend(query), sdpa(query, keys[:, :, :59], values[:, :, :59], causal=True),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        layer.attend(query), sdpa(query, keys[:, :, :59], values[:, :, :59], causal=True), atol=1e-5, rtol=1e-5
+    )
     layer.append(keys[:, :, 59:], values[:, :, 59:])
     scores = layer.scores(query[:, :, :1])
     exact = query[:, :, :1] @ keys.repeat_interleave(3, 1).transpose(-1, -2)
@@ -415,8 +434,9 @@ def test_sketch_is_pinned_across_machines_and_versions():
 
 
 def test_sketch_depends_on_layer_and_initial_layers_get_more_rows():
-    config = small_config(sketch_dim=32, outlier_channels=2, outlier_sketch_dim=16, initial_layers=2,
-                          initial_sketch_dim=64)
+    config = small_config(
+        sketch_dim=32, outlier_channels=2, outlier_sketch_dim=16, initial_layers=2, initial_sketch_dim=64
+    )
     keys, values = make_kv(batch=1, heads=1, tokens=17)
     layers = [flushed_layer(config, keys, values, layer_idx=i) for i in range(3)]
     assert [layer.sketch_dim for layer in layers] == [64, 64, 32]
@@ -455,8 +475,9 @@ def test_config_validation(kwargs, match):
 
 
 def test_config_round_trip_and_registry():
-    config = kvpack.QJLConfig(sketch_dim=128, outlier_channels=0, outlier_sketch_dim=0, initial_layers=2,
-                              initial_sketch_dim=256)
+    config = kvpack.QJLConfig(
+        sketch_dim=128, outlier_channels=0, outlier_sketch_dim=0, initial_layers=2, initial_sketch_dim=256
+    )
     assert kvpack.QJLConfig.from_dict(config.to_dict()) == config
     assert kvpack.config_class("qjl") is kvpack.QJLConfig and "qjl" in kvpack.method_names()
     assert isinstance(kvpack.make_layer(config, layer_idx=3), kvpack.QJLLayer)
@@ -483,8 +504,9 @@ def test_bad_inputs_raise_and_store_nothing():
     layer.append(keys, values)
     with pytest.raises(ValueError, match="does not fit the store"):
         layer.scores(torch.randn(2, 3, 1, 32))
-    huge = kvpack.make_layer(kvpack.QJLConfig(sketch_dim=16, outlier_channels=0, outlier_sketch_dim=0,
-                                              group_size=8, residual_length=8))
+    huge = kvpack.make_layer(
+        kvpack.QJLConfig(sketch_dim=16, outlier_channels=0, outlier_sketch_dim=0, group_size=8, residual_length=8)
+    )
     big_keys = torch.full((1, 1, 8, 32), 2e4)  # |k| = 1.1e5 overflows float16 norms
     with pytest.raises(ValueError, match='overflow torch.float16.*scale_dtype="float32"'):
         huge.append(big_keys, big_keys[..., :32] * 0)

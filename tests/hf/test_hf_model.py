@@ -12,9 +12,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from transformers import DynamicCache  # noqa: E402
+
 import kvpack  # noqa: E402
 from kvpack.hf import disable, enable, make_cache  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -40,8 +41,13 @@ def set_path(model, fused):
 
 def greedy(model, inputs, cache, max_new_tokens, **kwargs):
     return model.generate(
-        **inputs, cache=cache, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-        return_dict_in_generate=True, **kwargs,
+        **inputs,
+        cache=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
     )
 
 
@@ -148,8 +154,11 @@ def test_kivi4_beam_search_matches(embedded_model, fused, reference_runs):
     model, tokenizer = embedded_model
     inputs = left_padded(tokenizer, SEQUENCE_PROMPTS)
     kwargs = {"num_beams": 2, "num_return_sequences": 2}
-    expected = memo(reference_runs, "beams",
-                    lambda: greedy(model, inputs, DynamicCache(config=model.config), 16, **kwargs).sequences)
+    expected = memo(
+        reference_runs,
+        "beams",
+        lambda: greedy(model, inputs, DynamicCache(config=model.config), 16, **kwargs).sequences,
+    )
     set_path(model, fused)
     assert torch.equal(greedy(model, inputs, make_cache(model, KIVI4), 16, **kwargs).sequences, expected)
 
@@ -213,8 +222,9 @@ def test_generate_accepts_a_kvpack_cache(embedded_model, method, fused, spelling
 def test_generate_command_prints_the_bytes_line(embedded_model, capsys):
     from kvpack.cli import main
 
-    rc = main(["generate", "Name a colour.", "--max-new-tokens", "8", "--key-bits", "4", "--residual-length", "32",
-               "--fused"])
+    rc = main(
+        ["generate", "Name a colour.", "--max-new-tokens", "8", "--key-bits", "4", "--residual-length", "32", "--fused"]
+    )
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("KV cache: ") and "bytes held for" in last and "in an fp16 cache" in last
@@ -222,7 +232,7 @@ def test_generate_command_prints_the_bytes_line(embedded_model, capsys):
 
 def test_integration_doc_examples_run(embedded_model, capsys):
     """The Python blocks of docs/INTEGRATION.md run as written."""
-    doc = (Path(__file__).parents[1] / "docs" / "INTEGRATION.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "INTEGRATION.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
     assert blocks
     for block in blocks:

@@ -252,7 +252,9 @@ def test_retrieval_runs_every_method_and_scores(model, tokenizer):
             assert outcome.prediction == kv_eval.parse_answer(outcome.output)
             assert outcome.correct == (outcome.prediction == sample.answer)
     assert [o.output for o in outcomes["covering"]] == [o.output for o in outcomes["fp"]]
-    own = kv_eval.retrieval(model, tokenizer, samples, {"KIVI-2": methods["KIVI-2"]}, max_new_tokens=6, share_prefill=False)
+    own = kv_eval.retrieval(
+        model, tokenizer, samples, {"KIVI-2": methods["KIVI-2"]}, max_new_tokens=6, share_prefill=False
+    )
     assert [o.output for o in own["KIVI-2"]] == [o.output for o in outcomes["KIVI-2"]]
     summary = kv_eval.summarize(outcomes["fp"])
     assert set(summary) == {"passkey", "niah_single_1"} and set(summary["passkey"]) == {400, 600}
@@ -405,7 +407,7 @@ def test_example_configs_parse_and_the_full_one_is_the_default():
     yaml = pytest.importorskip("yaml")
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[1] / "configs"
+    folder = Path(__file__).resolve().parents[2] / "configs"
     paths = sorted(folder.glob("*.yaml"))
     assert paths
     for path in paths:
@@ -428,7 +430,9 @@ def test_run_matrix_writes_every_report_file(model, tokenizer, tmp_path, monkeyp
         ),
         ppl=kv_eval.PerplexitySettings(prefill=64, tokens=8, windows=2),
         passkey=kv_eval.RetrievalSettings(lengths=(300, 500), depths=(0.5,), max_new_tokens=4),
-        niah=kv_eval.RetrievalSettings(tasks=("niah_single_1", "niah_multikey_2"), lengths=(400,), depths=(0.5,), max_new_tokens=4),
+        niah=kv_eval.RetrievalSettings(
+            tasks=("niah_single_1", "niah_multikey_2"), lengths=(400,), depths=(0.5,), max_new_tokens=4
+        ),
         distortion=kv_eval.DistortionSettings(context=128, queries=4),
         memory=kv_eval.MemorySettings(lengths=(256, 512)),
     )
@@ -436,8 +440,14 @@ def test_run_matrix_writes_every_report_file(model, tokenizer, tmp_path, monkeyp
     run.environment = kv_eval.environment()
     files = kv_eval.write_report(run, tmp_path / "out")
     expected = {
-        "results.md", "results.csv", "retrieval.csv", "results.json",
-        "quality_vs_bits.png", "passkey_vs_length.png", "niah_vs_length.png", "distortion_per_layer.png",
+        "results.md",
+        "results.csv",
+        "retrieval.csv",
+        "results.json",
+        "quality_vs_bits.png",
+        "passkey_vs_length.png",
+        "niah_vs_length.png",
+        "distortion_per_layer.png",
     }
     assert set(files) == expected
     assert {p.name for p in (tmp_path / "out").iterdir()} == expected
@@ -457,7 +467,14 @@ def test_run_matrix_writes_every_report_file(model, tokenizer, tmp_path, monkeyp
 
     data = json.loads(files["results.json"].read_text())
     assert set(data) == {
-        "config", "environment", "seconds", "cpu_seconds", "perplexity", "retrieval", "distortion", "memory"
+        "config",
+        "environment",
+        "seconds",
+        "cpu_seconds",
+        "perplexity",
+        "retrieval",
+        "distortion",
+        "memory",
     }
     assert set(data["cpu_seconds"]) == set(data["seconds"]) == {"memory", "ppl", "passkey", "niah", "distortion"}
     assert data["config"]["ppl"]["prefill"] == 64

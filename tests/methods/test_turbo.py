@@ -66,8 +66,10 @@ def test_attend_reads_codes_and_matches_the_dequantized_state(dtype):
     torch.testing.assert_close(layer.attend(query).float(), expected, atol=tol, rtol=tol)
     keys_fp32 = layer.keys.materialize()  # before the cast to the layer dtype
     torch.testing.assert_close(
-        layer.scores(query), query.float() @ keys_fp32.repeat_interleave(3, 1).transpose(-1, -2),
-        atol=1e-4, rtol=1e-4,
+        layer.scores(query),
+        query.float() @ keys_fp32.repeat_interleave(3, 1).transpose(-1, -2),
+        atol=1e-4,
+        rtol=1e-4,
     )
     # the residual rules are KIVI's: the last R values and the T mod R newest keys are exact
     stored_keys, stored_values = layer.dequantize()
