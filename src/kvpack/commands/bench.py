@@ -81,8 +81,9 @@ def run(args) -> int:
     start = time.perf_counter()
     reason = native.available()
     info["kernel_load_s"] = time.perf_counter() - start
-    print(f"fast kernels: {'loaded' if reason is None else 'UNAVAILABLE: ' + reason} ({info['kernel_load_s']:.1f} s, "
-          f"cache {native.cache_dir()})")  # fmt: skip
+    info["kernel_isa"] = native.isa()
+    print(f"fast kernels: {'loaded' if reason is None else 'UNAVAILABLE: ' + reason} ({info['kernel_isa']} build, "
+          f"{info['kernel_load_s']:.1f} s, cache {native.cache_dir()})")  # fmt: skip
 
     rows = []
     if "attention" in args.parts:

@@ -47,6 +47,17 @@ def run(args) -> int:
     print(f"torch         {torch.__version__} ({torch.get_num_threads()} threads, cuda: {torch.cuda.is_available()})")
     print(f"transformers  {_version('transformers')}")
     print(f"python        {platform.python_version()}")
+    from kvpack.kernels import native
+    from kvpack.machine import machine_info
+
+    machine = machine_info()
+    print(
+        f"cpu           {machine['cpu']} ({', '.join(machine['isa']) or 'no x86 SIMD flags'}), {machine['cores']} cores"
+    )
+    try:
+        print(f"cpu kernels   {native.isa()} build (KVPACK_CPU_ISA forces a level), cache {native.cache_dir()}")
+    except RuntimeError as err:
+        print(f"cpu kernels   unavailable: {err}")
     print("default model: SmolLM2-135M-Instruct (kvpack generate --model PATH for another)")
     for line in _default_model_lines():
         print(line)
@@ -56,4 +67,5 @@ def run(args) -> int:
         fields = kvpack.config_class(name)().to_dict()
         fields.pop("method")
         print(f"  {name:<6} " + ", ".join(f"{key}={value!r}" for key, value in fields.items()))
+    print("named settings (kvpack eval / bench / demo rows): " + ", ".join(kvpack.variants()))
     return 0

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from kvpack.paths import cache_root
 
-__all__ = ["ABI_VERSION", "available", "cache_dir", "call", "entry", "load", "sources"]
+__all__ = ["ABI_VERSION", "ISA_LEVELS", "available", "cache_dir", "call", "entry", "isa", "load", "sources"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,17 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 _HEADER = Path(__file__).with_name("csrc") / "kvpack.h"
 #: The ABI version, written once: in kvpack.h, read from there.
 ABI_VERSION = int(re.search(r"#define KVPACK_ABI_VERSION (\d+)", _HEADER.read_text()).group(1))
-#: Optimization and target flags; ``$KVPACK_CXXFLAGS`` replaces them (e.g. ``-O3 -march=x86-64`` for a
-#: portable build whose scalar paths are what the SIMD code falls back to). The rest are always added.
-_DEFAULT_CXXFLAGS = ("-O3", "-march=native")
+#: Instruction-set levels the library is built for on x86-64, best first: (name, target flags, the
+#: /proc/cpuinfo flags a CPU needs to run it). One library per level; :func:`isa` picks the best one this
+#: CPU reports (not the build host's -march=native), ``$KVPACK_CPU_ISA`` forces one. The kernels' SIMD
+#: paths are AVX2/FMA intrinsics, which the avx512 build compiles with AVX-512 allowed (EVEX encodings,
+#: wider autovectorized loops); the scalar build runs the plain C++ fallbacks.
+ISA_LEVELS = (
+    ("avx512", ("-march=x86-64-v4",), frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"})),
+    ("avx2", ("-march=x86-64-v3",), frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe"})),
+    ("scalar", ("-march=x86-64",), frozenset()),
+)
+_OPTIMIZE = ("-O3",)
 _REQUIRED_FLAGS = ("-std=c++17", "-fopenmp", "-fPIC")
 
 _lock = threading.Lock()
@@ -84,9 +92,44 @@ def _compiler() -> str | None:
     return None
 
 
+def isa() -> str:
+    """The instruction-set level the library is built for here: ``$KVPACK_CPU_ISA`` if set, else the best
+    of :data:`ISA_LEVELS` whose features this CPU reports (x86-64), else ``"native"`` (other architectures:
+    ``-march=native``/``-mcpu=native``). ``"custom"`` when ``$KVPACK_CXXFLAGS`` gives the flags.
+
+    Raises:
+        RuntimeError: ``$KVPACK_CPU_ISA`` names an unknown level or one this CPU cannot run.
+    """
+    from ..machine import cpu_flags
+
+    if os.environ.get("KVPACK_CXXFLAGS"):
+        return "custom"
+    forced = os.environ.get("KVPACK_CPU_ISA")
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    levels = {name: needs for name, _, needs in ISA_LEVELS}
+    if forced:
+        if forced == "native":
+            return forced
+        if forced not in levels:
+            raise RuntimeError(f"KVPACK_CPU_ISA must be one of {(*levels, 'native')}, got {forced!r}")
+        if not x86 or not levels[forced] <= cpu_flags():
+            raise RuntimeError(
+                f"KVPACK_CPU_ISA={forced}: this CPU does not report {sorted(levels[forced] - cpu_flags())}"
+            )
+        return forced
+    if not x86:
+        return "native"
+    flags = cpu_flags()
+    return next(name for name, _, needs in ISA_LEVELS if needs <= flags)
+
+
 def _flags() -> list[str]:
     custom = os.environ.get("KVPACK_CXXFLAGS")
-    return [*(shlex.split(custom) if custom else _DEFAULT_CXXFLAGS), *_REQUIRED_FLAGS]
+    if custom:
+        return [*shlex.split(custom), *_REQUIRED_FLAGS]
+    level = isa()
+    target = ("-march=native",) if level == "native" else next(t for name, t, _ in ISA_LEVELS if name == level)
+    return [*_OPTIMIZE, *target, *_REQUIRED_FLAGS]
 
 
 def _target_id(compiler: str, flags: list[str]) -> str:
@@ -110,7 +153,7 @@ def _build(compiler: str) -> Path:
     parts = [_HEADER.read_bytes(), *(f.read_bytes() for f in files), " ".join(flags).encode(), version.encode(),
              _target_id(compiler, flags).encode()]  # fmt: skip
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    target = cache_dir() / f"kvpack_cpu-{key}.so"
+    target = cache_dir() / f"kvpack_cpu-{isa()}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -151,8 +194,8 @@ def load() -> ctypes.CDLL:
                 for name, args in _ENTRIES.items():
                     _declare(lib, name, args)
                 _lib = lib
-            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-                _error = str(err)
+            except (OSError, RuntimeError, subprocess.SubprocessError, StopIteration) as err:
+                _error = str(err) or "no usable instruction-set level"
         if _lib is None:
             raise RuntimeError(_error)
         return _lib
