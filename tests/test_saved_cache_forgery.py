@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("safetensors")
+pytestmark = pytest.mark.slow  # ~2,300 files through load and a fused step, in child processes
 
 CHILD = Path(__file__).with_name("forgery_cases.py")
 

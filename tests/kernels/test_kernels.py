@@ -473,6 +473,7 @@ def test_missing_library_falls_back_once_or_raises_when_forced(monkeypatch, capl
         dispatch.kivi_key_scores(query, codes, scale, zero, 2)
 
 
+@pytest.mark.build
 def test_failed_build_is_reported(monkeypatch, tmp_path):
     """A compiler that fails makes the backend unavailable with the compiler's message (not a crash)."""
     broken = tmp_path / "broken-cxx"
