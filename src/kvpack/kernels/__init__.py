@@ -102,10 +102,10 @@ class Kernel:
             raise ValueError(f"kernel {name!r} is registered twice")
         self.name, self.reference, self.fake, self.check, self.cpu = name, reference, fake, check, cpu
         _LIBRARY.define(name + schema)
-        _LIBRARY.impl(name, reference, "CompositeExplicitAutograd")
+        _LIBRARY.impl(name, self._default, "CompositeExplicitAutograd")
         if cpu is not None:
             _LIBRARY.impl(name, self._cpu, "CPU")
-        torch.library.register_fake(f"kvpack::{name}", fake, lib=_LIBRARY)
+        torch.library.register_fake(f"kvpack::{name}", self._fake, lib=_LIBRARY)
         self.op = getattr(torch.ops.kvpack, name).default
         _KERNELS[name] = self
 
@@ -137,6 +137,21 @@ class Kernel:
     def _cpu(self, *args):
         fast = self.fast_or_none(*args)
         return (fast or self.reference)(*args)
+
+    def _default(self, *args):
+        """Every device without a kernel of its own: the reference, after the same structural check (so
+        malformed input, or None where a tensor belongs, raises the check's clear error there too)."""
+        if self.check is not None:
+            self.check(*args)
+        return self.reference(*args)
+
+    def _fake(self, *args):
+        """Output shapes; refuses tensors on several devices (one meta argument among CPU tensors routes
+        the call here, and the outputs would be allocated, uninitialized, on the CPU)."""
+        devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+        if len(devices) > 1:
+            raise ValueError(f"{self.name}: the tensors are on several devices: {sorted(map(str, devices))}")
+        return self.fake(*args)
 
     def __repr__(self) -> str:
         return f"Kernel(kvpack::{self.name}, fast CPU kernel: {self.cpu is not None})"

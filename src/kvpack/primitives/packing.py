@@ -52,7 +52,7 @@ def pack_bits(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     pad = (-n) % per_byte
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    codes = codes.reshape(*codes.shape[:-1], -1, per_byte)  # (..., n_words, per_byte)
+    codes = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)  # (..., n_words, per_byte)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)  # (per_byte,)
     words = (codes << shifts).sum(dim=-1, dtype=torch.uint8)  # bit fields are disjoint: sum == or
     return words.movedim(-1, dim).contiguous()
@@ -80,7 +80,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, length: int | None = None, dim:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (per_byte,)
         mask = (1 << bits) - 1
         codes = (words.unsqueeze(-1) >> shifts) & mask  # (..., n_words, per_byte)
-        codes = codes.reshape(*words.shape[:-1], -1)
+        codes = codes.reshape(*words.shape[:-1], words.shape[-1] * (8 // bits))  # explicit: empty axes too
     if length is not None:
         if length > codes.shape[-1]:
             raise ValueError(f"length {length} exceeds the {codes.shape[-1]} codes held")

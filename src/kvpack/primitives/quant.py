@@ -74,7 +74,7 @@ def quantize_affine(
     safe_scale = torch.where(scale32 > 0, scale32, torch.ones_like(scale32))
     codes = torch.round((groups - zero32) / safe_scale).clamp_(0, 2**bits - 1)
     codes = torch.where(scale32 > 0, codes, torch.zeros_like(codes)).to(torch.uint8)
-    codes = codes.reshape(*codes.shape[:-2], -1).movedim(-1, dim)
+    codes = codes.reshape(*codes.shape[:-2], codes.shape[-2] * codes.shape[-1]).movedim(-1, dim)
     return codes, scale.movedim(-1, dim), zero.movedim(-1, dim)
 
 
@@ -97,4 +97,4 @@ def dequantize_affine(
     """
     groups = _grouped(codes, group_size, dim).float()  # (..., n_groups, G)
     x = groups * scale.movedim(dim, -1).float().unsqueeze(-1) + zero.movedim(dim, -1).float().unsqueeze(-1)
-    return x.reshape(*x.shape[:-2], -1).movedim(-1, dim).to(dtype)
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1]).movedim(-1, dim).to(dtype)

@@ -31,7 +31,7 @@ def kivi_key_scores(
     keys = unpack_bits(codes, bits, group).float()  # (B, H, N, D, G)
     keys = keys * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
     scores = torch.einsum("bhmd,bhndg->bhmng", query, keys)  # (B, H, M, N, G)
-    return scores.reshape(*scores.shape[:3], -1)
+    return scores.reshape(*scores.shape[:3], scores.shape[3] * scores.shape[4])  # explicit: empty axes too
 
 
 def value_weighted_sum(

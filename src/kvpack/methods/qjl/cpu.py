@@ -36,6 +36,8 @@ def check_qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs
     same("signs", signs.shape[:2], (batch, heads), "(batch, heads)")
     n_groups, group = signs.shape[2], signs.shape[3]
     m, m_o, k = signs.shape[-1] * 8, outlier_signs.shape[-1] * 8, outlier_idx.shape[-1]
+    if m == 0:
+        raise ValueError("signs hold no sketch bits (a sketch needs at least 8 rows)")
     same("sketch", sketch.shape, (m, dim), "shape (sketch rows, head_dim)")
     same("outlier_idx", outlier_idx.shape[:3], (batch, heads, n_groups), "(batch, heads, groups)")
     same("norms", norms.shape, signs.shape[:4], "shape")
