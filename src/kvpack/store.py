@@ -269,7 +269,7 @@ class Store:
 
     def row_views(self, n: int | None = None) -> dict[str, torch.Tensor]:
         n = self.num_rows if n is None else n
-        return {name: buf.view()[:, :, :n] for name, buf in self.rows.items()}
+        return {name: buf.data[:, :, buf.start : buf.start + n] for name, buf in self.rows.items()}  # one slice each
 
     def split(self) -> tuple[int, list[torch.Tensor]]:
         """Quantized rows attention reads, and the fp tensors that follow them (pending, fp part)."""

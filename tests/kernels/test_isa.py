@@ -1,7 +1,7 @@
 """Every instruction-set build of the CPU kernels that this CPU can run, checked against the reference.
 
-The library is built per level (kvpack.kernels.native.ISA_LEVELS: avx512, avx2, scalar) and the best one
-the CPU reports is loaded; ``KVPACK_CPU_ISA`` forces one. Each level runs a subset of tests/kernels/
+The library is built for this CPU (-march=native) by default; ``KVPACK_CPU_ISA`` forces one of the levels
+of kvpack.kernels.native.ISA_LEVELS (avx512, avx2, scalar) that the CPU reports. Each level runs a subset of tests/kernels/
 test_kernels.py in a child process (the level is chosen at load time, once per process): every kernel's
 parallel and remainder paths against the reference (2x its error), quantize/pack bit for bit.
 """
@@ -49,11 +49,13 @@ def test_each_instruction_set_build_matches_the_reference(level):
     assert " passed" in result.stdout.splitlines()[-1]
 
 
-def test_the_best_level_the_cpu_reports_is_chosen(monkeypatch):
+def test_levels_are_native_by_default_and_forced_only_where_the_cpu_has_them(monkeypatch):
     monkeypatch.delenv("KVPACK_CPU_ISA", raising=False)
     monkeypatch.delenv("KVPACK_CXXFLAGS", raising=False)
-    levels = runnable_levels()
-    assert native.isa() == (levels[0] if levels else "native")
+    assert native.isa() == "native"
+    for level in runnable_levels():
+        monkeypatch.setenv("KVPACK_CPU_ISA", level)
+        assert native.isa() == level
     monkeypatch.setenv("KVPACK_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="KVPACK_CPU_ISA must be one of"):
         native.isa()

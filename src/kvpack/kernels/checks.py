@@ -10,22 +10,28 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SCALE_TYPES", "bits_in", "codes_reason", "not_cpu", "same", "scale_reason", "small", "tensors"]
+__all__ = ["SCALE_TYPES", "bits_in", "codes_reason", "not_cpu", "same", "scale_reason", "small", "tensor", "tensors"]
 
 #: Storage dtypes the kernels read for scales, zeros and norms, and their codes in the argument structs.
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _INT32 = 2**31 - 1
+_STRIDED = torch.strided
 
 
 def tensors(**named) -> None:
     """Each ``name=(tensor, rank)`` is a dense torch.Tensor of that rank."""
     for name, (x, rank) in named.items():
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.layout != torch.strided:
-            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
-        if x.dim() != rank:
-            raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(x.shape)}")
+        tensor(name, x, rank)
+
+
+def tensor(name: str, x, rank: int) -> None:
+    """``x`` is a dense torch.Tensor of ``rank`` dimensions (the hot path's form of :func:`tensors`)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout is not _STRIDED:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(x.shape)}")
 
 
 def same(name: str, got, want, what: str) -> None:
@@ -46,7 +52,7 @@ def small(**sizes) -> None:
 
 def not_cpu(*xs) -> str | None:
     for t in xs:
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             return f"device {t.device.type} (fast kernels run on CPU)"
     return None
 

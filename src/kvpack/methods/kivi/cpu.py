@@ -13,6 +13,7 @@ import torch
 
 from ...kernels import native
 from ...kernels.checks import (
+    _INT32,
     SCALE_TYPES,
     bits_in,
     codes_reason,
@@ -21,6 +22,7 @@ from ...kernels.checks import (
     same,
     scale_reason,
     small,
+    tensor,
     tensors,
 )
 from . import reference
@@ -58,43 +60,63 @@ native.entry("kvpack_quantize_key_groups", QuantizeArgs)
 
 # --- checks ------------------------------------------------------------------------------------------------
 def check_kivi_key_scores(query, codes, scale, zero, bits) -> str | None:
-    tensors(query=(query, 4), codes=(codes, 5), scale=(scale, 4), zero=(zero, 4))
-    bits_in(bits, _QUANT_BITS)
+    tensor("query", query, 4)
+    tensor("codes", codes, 5)
+    tensor("scale", scale, 4)
+    tensor("zero", zero, 4)
+    if type(bits) is not int or bits not in _QUANT_BITS:
+        bits_in(bits, _QUANT_BITS)  # raises
     batch, heads, rows, dim = query.shape
-    same("codes", codes.shape[:2] + codes.shape[3:4], (batch, heads, dim), "(batch, heads, head_dim)")
-    same("scale", scale.shape, codes.shape[:4], "shape")
-    same("zero", zero.shape, scale.shape, "shape")
-    group = codes.shape[-1] * 8 // bits
-    small(rows=rows, head_dim=dim, group=group)
+    code_shape = codes.shape
+    if code_shape[0] != batch or code_shape[1] != heads or code_shape[3] != dim:
+        same("codes", code_shape[:2] + code_shape[3:4], (batch, heads, dim), "(batch, heads, head_dim)")
+    if scale.shape != code_shape[:4]:
+        same("scale", scale.shape, code_shape[:4], "shape")
+    if zero.shape != scale.shape:
+        same("zero", zero.shape, scale.shape, "shape")
+    group = code_shape[4] * 8 // bits
+    if rows > _INT32 or dim > _INT32 or group > _INT32:
+        small(rows=rows, head_dim=dim, group=group)
     if bits not in _BITS:
         return f"bits={bits} (fast kernels take {_BITS})"
     if group % 8:
         return f"group_size {group} (fast kernels need a multiple of 8)"
-    return (not_cpu(query, codes, scale, zero) or codes_reason(codes) or scale_reason(scale, zero)
-            or (None if query.dtype == torch.float32 else f"query dtype {query.dtype} (expected float32)"))  # fmt: skip
+    if query.dtype is not torch.float32:
+        return not_cpu(query, codes, scale, zero) or f"query dtype {query.dtype} (expected float32)"
+    return not_cpu(query, codes, scale, zero) or codes_reason(codes) or scale_reason(scale, zero)
 
 
 def check_value_weighted_sum(weights, codes, scale, zero, bits, group_size) -> str | None:
-    tensors(weights=(weights, 4), codes=(codes, 4), scale=(scale, 4), zero=(zero, 4))
-    bits_in(bits, _QUANT_BITS)
+    tensor("weights", weights, 4)
+    tensor("codes", codes, 4)
+    tensor("scale", scale, 4)
+    tensor("zero", zero, 4)
+    if type(bits) is not int or bits not in _QUANT_BITS:
+        bits_in(bits, _QUANT_BITS)  # raises
     if type(group_size) is not int or group_size <= 0:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
     batch, heads, rows, tokens = weights.shape
-    same("codes", codes.shape[:3], (batch, heads, tokens), "(batch, heads, tokens)")
-    same("scale", scale.shape[:3], (batch, heads, tokens), "(batch, heads, tokens)")
-    same("zero", zero.shape, scale.shape, "shape")
-    dim = scale.shape[-1] * group_size
-    if dim * bits % 8 or codes.shape[-1] != dim * bits // 8:
+    code_shape, scale_shape = codes.shape, scale.shape
+    if code_shape[:3] != (batch, heads, tokens):
+        same("codes", code_shape[:3], (batch, heads, tokens), "(batch, heads, tokens)")
+    if scale_shape[:3] != (batch, heads, tokens):
+        same("scale", scale_shape[:3], (batch, heads, tokens), "(batch, heads, tokens)")
+    if zero.shape != scale_shape:
+        same("zero", zero.shape, scale_shape, "shape")
+    dim = scale_shape[3] * group_size
+    if dim * bits % 8 or code_shape[3] != dim * bits // 8:
         raise ValueError(
-            f"codes hold {codes.shape[-1]} bytes per token; {dim} channels at {bits} bits need {dim * bits / 8}"
+            f"codes hold {code_shape[3]} bytes per token; {dim} channels at {bits} bits need {dim * bits / 8}"
         )
-    small(rows=rows, head_dim=dim, group_size=group_size)
+    if rows > _INT32 or dim > _INT32 or group_size > _INT32:
+        small(rows=rows, head_dim=dim, group_size=group_size)
     if bits not in _BITS:
         return f"bits={bits} (fast kernels take {_BITS})"
     if group_size % 8:
         return f"group_size {group_size} (fast kernels need a multiple of 8)"
-    return (not_cpu(weights, codes, scale, zero) or codes_reason(codes) or scale_reason(scale, zero)
-            or (None if weights.dtype == torch.float32 else f"weights dtype {weights.dtype} (expected float32)"))  # fmt: skip
+    if weights.dtype is not torch.float32:
+        return not_cpu(weights, codes, scale, zero) or f"weights dtype {weights.dtype} (expected float32)"
+    return not_cpu(weights, codes, scale, zero) or codes_reason(codes) or scale_reason(scale, zero)
 
 
 def check_quantize(x, bits, group_size, scale_dtype=None) -> str | None:

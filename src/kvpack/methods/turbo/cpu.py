@@ -7,7 +7,7 @@ import ctypes
 import torch
 
 from ...kernels import native
-from ...kernels.checks import SCALE_TYPES, bits_in, codes_reason, inner, not_cpu, small, tensors
+from ...kernels.checks import SCALE_TYPES, bits_in, codes_reason, inner, not_cpu, small, tensor
 
 _BITS = (1, 2, 4, 8)
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -25,7 +25,10 @@ native.entry("kvpack_turbo_weighted_sum", TurboArgs)
 
 def _check(kernel, rows, codes, scale, codebook, bits) -> str | None:
     name = "query_rotated" if kernel == "turbo_key_scores" else "weights"
-    tensors(**{name: (rows, 4)}, codes=(codes, 4), scale=(scale, 3), codebook=(codebook, 1))
+    tensor(name, rows, 4)
+    tensor("codes", codes, 4)
+    tensor("scale", scale, 3)
+    tensor("codebook", codebook, 1)
     bits_in(bits, _BITS)
     batch, heads, n_rows, last = rows.shape
     tokens = codes.shape[2] if kernel == "turbo_key_scores" else last
