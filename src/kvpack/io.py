@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .config import SCALE_DTYPES
 from .errors import CacheFileError
 from .registry import config_class, make_layer
 
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 _FORMAT = "kvpack-layers-v2"
 _FORMAT_V1 = "kvpack-layers-v1"
 _HEADER_FIELDS = ("format", "layers", "extra", "tensors")
-_FP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FP_DTYPES = tuple(SCALE_DTYPES.values())  # the dtypes an fp (skipped) layer may hold
 
 #: Largest head_dim :func:`load_layers` accepts by default: per-head_dim state (rotations, sketches) costs
 #: O(head_dim^3) to build, so a forged header must not choose it freely. ``load_cache`` uses the model's.

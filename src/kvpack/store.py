@@ -24,7 +24,7 @@ import abc
 
 import torch
 
-from .config import MethodConfig
+from .config import SCALE_DTYPES, MethodConfig
 from .errors import CacheFileError
 
 __all__ = ["BlockFlush", "CompressedLayer", "Format", "GrowBuffer", "Store", "WindowFlush"]
@@ -356,7 +356,7 @@ class Store:
         self.num_rows = num_rows
 
 
-_STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_STATE_DTYPES = SCALE_DTYPES  # the input dtypes a store takes are the storage dtypes, by name
 
 
 def _is_count(x) -> bool:
