@@ -1,26 +1,8 @@
 """``kvpack bench``: decode attention, end-to-end generation and prefill, against baselines, on this machine.
 
-Parts (``--parts``, default all three):
-
-1. ``attention``: one decode step of attention (one new query token over a cache of ``context`` tokens plus
-   that token; cache updates excluded) for one layer and for every layer of the embedded model's shape
-   (30 layers, 3 kv heads, 9 query heads, head_dim 64): kvpack fused (packed store, fast kernels), kvpack
-   compat (dequantize, then SDPA), float32 and bfloat16 SDPA over an uncompressed cache, and transformers'
-   ``QuantizedCache`` layers (quanto, HQQ backends: dequantize the whole cache, then SDPA). For all layers,
-   SDPA and the fused path get one cache per layer (distinct memory); the materializing paths (compat,
-   quanto, HQQ) reuse one layer's store, as their per-step fp32 copy exceeds the CPU caches anyway, to keep
-   memory in bounds. Each row gives
-   the time per step, the ratio to float32 SDPA, and the fraction of this machine's limit reached: the
-   larger of (bytes read / memory bandwidth) and (multiply-adds / peak fp32 rate), both measured in the
-   same run (a large tensor sum and a large matmul).
-2. ``generate``: greedy decoding tokens/s of the embedded model at long context over a batch sweep, and
-   per method the largest batch whose KV cache fits ``--memory-budget-gb`` with its throughput. The prompt
-   is prefilled once (batch 1) and its per-layer K/V are repeated over the batch to fill each cache.
-3. ``prefill``: model prefill time with an uncompressed cache and with each quantized cache, and the
-   time spent quantizing (the layers' ``append``).
-
-Timings interleave the variants round-robin and keep each one's best of ``--repeat`` (this machine may be
-shared; the load average is reported). Writes ``bench.json`` and ``bench.png`` into ``--out``.
+This module parses the arguments and prints; :mod:`kvpack.bench` measures (its docstring describes the
+three parts, ``--parts``, and how each row is validated and timed). Writes ``bench.json`` and ``bench.png``
+into ``--out``.
 """
 
 from __future__ import annotations
