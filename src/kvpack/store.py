@@ -382,6 +382,28 @@ def _last_columns(attention_mask, total: int) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask.float()
 
 
+def _mask(attention_mask, t_q: int, total: int, device, whole_causal: bool):
+    """The mask rule of :meth:`CompressedLayer.attend`, for both of its paths.
+
+    A given mask: its last ``total`` columns (bool, or additive float32). Without one: None for one query
+    (it sees every stored token), else causal over the last ``t_q`` positions, as a bool (T_q, T) mask, or
+    ``"causal"`` when the queries are all the tokens and ``whole_causal`` (SDPA's own ``is_causal``).
+
+    Raises:
+        ValueError: more causal queries than stored tokens.
+        TypeError: a mask that is neither bool nor floating.
+    """
+    if attention_mask is not None:
+        return _last_columns(attention_mask, total)
+    if t_q == 1:
+        return None
+    if t_q > total:
+        raise ValueError(f"{t_q} queries but only {total} tokens stored")
+    if t_q == total and whole_causal:
+        return "causal"
+    return torch.ones(t_q, total, dtype=torch.bool, device=device).tril(total - t_q)  # the last t_q positions
+
+
 class CompressedLayer:
     """One attention layer's compressed KV store: the public per-layer API of every method.
 
@@ -560,14 +582,9 @@ class CompressedLayer:
             return self._attend_materialized(query, scale, attention_mask)
         scores = self.scores(query) * scale  # (B, H_q, T_q, T)
         total = scores.shape[-1]
-        if attention_mask is not None:
-            mask = _last_columns(attention_mask, total)
+        mask = _mask(attention_mask, t_q, total, scores.device, whole_causal=False)
+        if isinstance(mask, torch.Tensor):
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        elif t_q > 1:
-            if t_q > total:
-                raise ValueError(f"{t_q} queries but only {total} tokens stored")
-            causal = torch.ones(t_q, total, dtype=torch.bool, device=scores.device).tril(total - t_q)
-            scores = scores.masked_fill(~causal, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         if attention_mask is not None:
             probs = probs.nan_to_num(0.0)
@@ -580,17 +597,16 @@ class CompressedLayer:
         self._check_query(query)
         keys, values = (x.float() for x in self.materialize())
         t_q, total = query.shape[2], keys.shape[2]
-        mask, causal = None, False
-        if attention_mask is not None:
-            mask = _last_columns(attention_mask, total)
-        elif t_q > total:
-            raise ValueError(f"{t_q} queries but only {total} tokens stored")
-        elif t_q == total:
-            causal = True
-        else:  # the queries are the last t_q positions
-            mask = torch.ones(t_q, total, dtype=torch.bool, device=query.device).tril(total - t_q)
+        mask = _mask(attention_mask, t_q, total, query.device, whole_causal=True)
+        causal = isinstance(mask, str)  # "causal"
         out = torch.nn.functional.scaled_dot_product_attention(
-            query.float(), keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+            query.float(),
+            keys,
+            values,
+            attn_mask=None if causal else mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=True,
         )
         if attention_mask is not None:
             out = out.nan_to_num(0.0)  # rows with nothing to attend to are zero, as on the packed path
