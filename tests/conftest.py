@@ -190,3 +190,14 @@ def make_kv(batch=2, heads=3, tokens=100, dim=64, dtype=torch.float32, seed=0):
     keys = torch.randn(batch, heads, tokens, dim, generator=generator) * channel_scale
     values = torch.randn(batch, heads, tokens, dim, generator=generator)
     return keys.to(dtype), values.to(dtype)
+
+
+def sdpa(query, keys, values, causal=False):
+    """Exact float32 attention with GQA (query heads a multiple of the kv heads)."""
+    rep = query.shape[1] // keys.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        query.float(),
+        keys.float().repeat_interleave(rep, 1),
+        values.float().repeat_interleave(rep, 1),
+        is_causal=causal,
+    )

@@ -49,23 +49,21 @@ class MethodConfig:
 
     method: ClassVar[str] = ""
 
-    def check_head_dim(self, head_dim: int) -> None:
+    def check_head_dim(self, head_dim: int, what: str = "head_dim") -> None:
         """Raise ``ValueError`` unless this method's packed layouts can hold keys/values of ``head_dim``.
 
         Called at a layer's first append, when a saved layer is loaded, and by ``make_cache`` for the model's
         head_dim. The base rule: ``group_size`` (where the method has one) divides head_dim, and every code
-        width packed along the channels fills whole bytes.
+        width packed along the channels fills whole bytes. ``what`` names the head_dim in messages.
         """
         check_positive_int("head_dim", head_dim)
         group_size = getattr(self, "group_size", None)
         if group_size is not None and head_dim % group_size:
-            raise ValueError(f"group_size {group_size} must divide head_dim {head_dim}")
+            raise ValueError(f"group_size {group_size} must divide {what} {head_dim}")
         for name in self.channel_packed_bits:
             bits = getattr(self, name)
             if head_dim * bits % 8:
-                raise ValueError(
-                    f"head_dim {head_dim} at {name}={bits} does not fill whole bytes (head_dim * bits % 8)"
-                )
+                raise ValueError(f"{what} {head_dim} at {name}={bits} does not fill whole bytes (head_dim * bits % 8)")
 
     #: Names of the bit-width fields whose codes are packed along head_dim (checked by :meth:`check_head_dim`).
     channel_packed_bits: ClassVar[tuple[str, ...]] = ()

@@ -356,9 +356,6 @@ class Store:
         self.num_rows = num_rows
 
 
-_STATE_DTYPES = SCALE_DTYPES  # the input dtypes a store takes are the storage dtypes, by name
-
-
 def _is_count(x) -> bool:
     """A non-negative Python int (bool is not)."""
     return type(x) is int and x >= 0
@@ -456,7 +453,7 @@ class CompressedLayer:
             raise TypeError(f"append expects dtype {self._dtype} as before, got {keys.dtype}")
         if self._shape is None:
             self.config.check_head_dim(dim)
-        if getattr(self.config, "check_finite", True):
+        if self.config.check_finite:
             for name, x in (("keys", keys), ("values", values)):
                 bad = int((~torch.isfinite(x)).sum())
                 if bad:
@@ -747,9 +744,9 @@ class CompressedLayer:
             self.config.check_head_dim(dim)
         except ValueError as err:
             raise CacheFileError(f"shape {shape}: {err}") from None
-        dtype = _STATE_DTYPES.get(metadata["dtype"]) if isinstance(metadata["dtype"], str) else None
+        dtype = SCALE_DTYPES.get(metadata["dtype"]) if isinstance(metadata["dtype"], str) else None
         if dtype is None:
-            raise CacheFileError(f"dtype must be one of {tuple(_STATE_DTYPES)}, got {metadata['dtype']!r}")
+            raise CacheFileError(f"dtype must be one of {tuple(SCALE_DTYPES)}, got {metadata['dtype']!r}")
         counts = metadata["key_groups"], metadata["value_quantized"]
         if not all(_is_count(x) for x in counts):
             raise CacheFileError(f"key_groups and value_quantized must be non-negative integers, got {counts!r}")
@@ -772,9 +769,8 @@ class CompressedLayer:
         self.keys._undo = self.values._undo = None
         for buf in self.keys.buffers() + self.values.buffers():
             buf.apply(fn)
-        if self._shape is not None:
-            probe = fn(torch.empty(self._shape[0], 1))
-            self._shape = (probe.shape[0],) + self._shape[1:]
+        probe = fn(torch.empty(self._shape[0], 1))
+        self._shape = (probe.shape[0],) + self._shape[1:]
 
     def select_batch(self, indices: torch.Tensor) -> None:
         """Keep / reorder batch rows (beam search)."""

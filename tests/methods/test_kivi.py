@@ -7,19 +7,9 @@ import torch.nn.functional as F
 import kvpack
 from kvpack.primitives import dequantize_affine, quantize_affine
 
-from conftest import make_kv
+from conftest import make_kv, sdpa
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def sdpa(query, keys, values, causal=False):
-    rep = query.shape[1] // keys.shape[1]
-    return F.scaled_dot_product_attention(
-        query.float(),
-        keys.float().repeat_interleave(rep, 1),
-        values.float().repeat_interleave(rep, 1),
-        is_causal=causal,
-    )
 
 
 def kivi_reference(keys, values, config):

@@ -5,11 +5,12 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kvpack
 from kvpack.methods.qjl import QJLKeyFormat, qjl_key_bits, qjl_sketch
 from kvpack.primitives import dequantize_affine, quantize_affine, unpack_bits
+
+from conftest import sdpa
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SQRT_HALF_PI = math.sqrt(math.pi / 2)
@@ -67,16 +68,6 @@ def direct_scores(query, keys, sketch, outlier_channels, outlier_sketch_dim, gro
                         est += SQRT_HALF_PI / m_o * ((q.masked_fill(~is_out, 0) @ s64[:m_o].T) @ sign_out.T) * norm_out
                     out[b, hq, :, start : start + group] = est
     return out
-
-
-def sdpa(query, keys, values, causal=False):
-    rep = query.shape[1] // keys.shape[1]
-    return F.scaled_dot_product_attention(
-        query.float(),
-        keys.float().repeat_interleave(rep, 1),
-        values.float().repeat_interleave(rep, 1),
-        is_causal=causal,
-    )
 
 
 # --- the estimator ----------------------------------------------------------------------------------------

@@ -291,14 +291,8 @@ def _head_dim(text_config) -> int | None:
 
 def _check_head_dim(text_config, method_config: MethodConfig) -> None:
     head_dim = _head_dim(text_config)
-    group_size = getattr(method_config, "group_size", None)
-    if head_dim and group_size and head_dim % group_size:
-        raise ValueError(f"group_size {group_size} must divide the model's head_dim {head_dim}")
     if head_dim:
-        try:
-            method_config.check_head_dim(head_dim)
-        except ValueError as err:
-            raise ValueError(f"{method_config.method} cannot store this model's keys/values: {err}") from None
+        method_config.check_head_dim(head_dim, "the model's head_dim")
 
 
 def make_cache(

@@ -44,10 +44,12 @@ def bits_in(bits, allowed: tuple) -> None:
         raise ValueError(f"bits must be one of {allowed}, got {bits!r}")
 
 
-def small(**sizes) -> None:
-    for name, value in sizes.items():
-        if value > _INT32:
-            raise ValueError(f"{name} = {value} exceeds the kernels' 32-bit limit")
+def small(names: tuple[str, ...], *sizes: int) -> None:
+    """Raise ``ValueError`` for a size the C++ keeps in a 32-bit int that exceeds it (``names[i]`` names
+    ``sizes[i]``). Positional, with a constant tuple of names: it runs on every kernel call."""
+    if max(sizes) > _INT32:
+        name, value = next((n, v) for n, v in zip(names, sizes) if v > _INT32)
+        raise ValueError(f"{name} = {value} exceeds the kernels' 32-bit limit")
 
 
 def not_cpu(*xs) -> str | None:

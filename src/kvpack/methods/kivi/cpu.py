@@ -13,7 +13,6 @@ import torch
 
 from ...kernels import native
 from ...kernels.checks import (
-    _INT32,
     SCALE_TYPES,
     bits_in,
     codes_reason,
@@ -64,8 +63,7 @@ def check_kivi_key_scores(query, codes, scale, zero, bits) -> str | None:
     tensor("codes", codes, 5)
     tensor("scale", scale, 4)
     tensor("zero", zero, 4)
-    if type(bits) is not int or bits not in _QUANT_BITS:
-        bits_in(bits, _QUANT_BITS)  # raises
+    bits_in(bits, _QUANT_BITS)
     batch, heads, rows, dim = query.shape
     code_shape = codes.shape
     if code_shape[0] != batch or code_shape[1] != heads or code_shape[3] != dim:
@@ -75,8 +73,7 @@ def check_kivi_key_scores(query, codes, scale, zero, bits) -> str | None:
     if zero.shape != scale.shape:
         same("zero", zero.shape, scale.shape, "shape")
     group = code_shape[4] * 8 // bits
-    if rows > _INT32 or dim > _INT32 or group > _INT32:
-        small(rows=rows, head_dim=dim, group=group)
+    small(("rows", "head_dim", "group"), rows, dim, group)
     if bits not in _BITS:
         return f"bits={bits} (fast kernels take {_BITS})"
     if group % 8:
@@ -91,8 +88,7 @@ def check_value_weighted_sum(weights, codes, scale, zero, bits, group_size) -> s
     tensor("codes", codes, 4)
     tensor("scale", scale, 4)
     tensor("zero", zero, 4)
-    if type(bits) is not int or bits not in _QUANT_BITS:
-        bits_in(bits, _QUANT_BITS)  # raises
+    bits_in(bits, _QUANT_BITS)
     if type(group_size) is not int or group_size <= 0:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
     batch, heads, rows, tokens = weights.shape
@@ -108,8 +104,7 @@ def check_value_weighted_sum(weights, codes, scale, zero, bits, group_size) -> s
         raise ValueError(
             f"codes hold {code_shape[3]} bytes per token; {dim} channels at {bits} bits need {dim * bits / 8}"
         )
-    if rows > _INT32 or dim > _INT32 or group_size > _INT32:
-        small(rows=rows, head_dim=dim, group_size=group_size)
+    small(("rows", "head_dim", "group_size"), rows, dim, group_size)
     if bits not in _BITS:
         return f"bits={bits} (fast kernels take {_BITS})"
     if group_size % 8:
@@ -178,7 +173,7 @@ def value_weighted_sum_cpu(weights, codes, scale, zero, bits, group_size):
 def _quantize(entry, x, bits, group_size, scale_dtype, n_rows, shapes):
     """Run a quantize entry point; ``shapes``: (codes shape, scale shape). Returns None if the C++ flagged a
     NaN or a scale overflow (the caller then runs the reference, which raises its ValueError)."""
-    small(head_dim=x.shape[-1], group_size=group_size)
+    small(("head_dim", "group_size"), x.shape[-1], group_size)
     scale_dtype = scale_dtype or x.dtype
     if x.stride(-1) != 1:
         x = x.contiguous()

@@ -117,8 +117,8 @@ class QJLConfig(MethodConfig):
     def torch_scale_dtype(self) -> torch.dtype | None:
         return None if self.scale_dtype is None else SCALE_DTYPES[self.scale_dtype]
 
-    def check_head_dim(self, head_dim: int) -> None:
-        super().check_head_dim(head_dim)
+    def check_head_dim(self, head_dim: int, what: str = "head_dim") -> None:
+        super().check_head_dim(head_dim, what)
         if not self.outlier_channels < head_dim:
             raise ValueError(
                 f"outlier_channels must be in [0, head_dim) = [0, {head_dim}), got {self.outlier_channels}"

@@ -47,7 +47,7 @@ def check_qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs
         raise ValueError(f"{k} outlier channels of head_dim {dim}, or an outlier sketch of {m_o} > {m} rows")
     if outlier_idx.is_floating_point() or outlier_idx.dtype == torch.bool or outlier_idx.is_complex():
         raise TypeError(f"outlier_idx must be an integer tensor, got {outlier_idx.dtype}")
-    small(rows=rows, head_dim=dim, group=group, sketch_dim=m)
+    small(("rows", "head_dim", "group", "sketch_dim"), rows, dim, group, m)
     if reason := not_cpu(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms):
         return reason
     if query.dtype != torch.float32 or sketch.dtype != torch.float32:
@@ -62,7 +62,7 @@ def check_qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs
 def check_pack_signs(x) -> str | None:
     if not isinstance(x, torch.Tensor) or x.layout != torch.strided or x.dim() < 1:
         raise TypeError(f"pack_signs takes a dense tensor of at least one dimension, got {x!r:.80}")
-    small(sketch_dim=x.shape[-1])
+    small(("sketch_dim",), x.shape[-1])
     if reason := not_cpu(x):
         return reason
     return None if x.dtype == torch.float32 else f"input dtype {x.dtype} (expected float32)"

@@ -42,7 +42,7 @@ def _check(kernel, rows, codes, scale, codebook, bits) -> str | None:
         raise ValueError(f"head_dim {dim} at {bits} bits does not fill the {codes.shape[-1]} code bytes")
     if codebook.shape != (2**bits,):
         raise ValueError(f"codebook shape {tuple(codebook.shape)} (expected ({2**bits},))")
-    small(rows=n_rows, head_dim=dim)
+    small(("rows", "head_dim"), n_rows, dim)
     if reason := not_cpu(rows, codes, scale, codebook) or codes_reason(codes):
         return reason
     if scale.dtype not in SCALE_TYPES:
