@@ -398,7 +398,7 @@ def load_cache(model, path, device: str | torch.device | None = None) -> KVPackC
         CacheFileError: not a saved kvpack cache, damaged, forged, or saved for a model of another shape
             (layers, kv heads, head_dim), dtype or layer pattern. A ``ValueError`` subclass.
     """
-    from ..io import load_layers, read_extra
+    from ..io import MAX_HEAD_DIM, load_layers, read_extra
 
     config = getattr(model, "config", model)
     text_config = config.get_text_config(decoder=True)
@@ -418,7 +418,7 @@ def load_cache(model, path, device: str | torch.device | None = None) -> KVPackC
     dtype = _model_dtype(model)
     if device is None:
         device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
-    saved = load_layers(path, device=device, max_head_dim=shape["head_dim"] or 1024)
+    saved = load_layers(path, device=device, max_head_dim=shape["head_dim"] or MAX_HEAD_DIM)
     if len(saved) != len(cache.layers):
         raise CacheFileError(f"{path} holds {len(saved)} layers, the model has {len(cache.layers)}")
     batch_tokens = set()
