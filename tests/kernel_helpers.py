@@ -4,8 +4,10 @@ in force), ``fast.<name>`` (the fast CPU kernel forced: raises where it cannot r
 
 from __future__ import annotations
 
+import torch
+
 import kvpack  # noqa: F401  (registers every method's kernels)
-from kvpack import kernels
+from kvpack import kernels, make_layer
 
 
 class _Namespace:
@@ -31,3 +33,21 @@ def _forced(kernel):
 dispatch = _Namespace(lambda kernel: kernel)
 fast = _Namespace(_forced)
 reference = _Namespace(lambda kernel: kernel.reference)
+
+
+def decode_sample(config, dim: int = 64, batch: int = 1, tokens: int = 40):
+    """A decode op's arguments (``layer._decode_args``) from a layer holding packed rows, the block its last
+    append flushed (pending), fp tokens, with a padding mask over the first 3 tokens."""
+    gen = torch.Generator().manual_seed(0)
+    layer = make_layer(config)
+    layer.append(torch.randn(batch, 2, tokens, dim, generator=gen), torch.randn(batch, 2, tokens, dim, generator=gen))
+    mask = torch.zeros(batch, 2, 3, layer.num_tokens)
+    mask[..., :3] = float("-inf")
+    return layer._decode_args(torch.randn(batch, 2, 3, dim, generator=gen), mask, dim**-0.5)
+
+
+def to_meta(a):
+    """``a`` on the meta device: tensors, and the tensors inside lists."""
+    if isinstance(a, list):
+        return [to_meta(x) for x in a]
+    return a.to("meta") if isinstance(a, torch.Tensor) else a

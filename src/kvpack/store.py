@@ -26,6 +26,7 @@ import torch
 
 from .config import SCALE_DTYPES, MethodConfig
 from .errors import CacheFileError
+from .kernels import decode
 
 __all__ = ["BlockFlush", "CompressedLayer", "Format", "GrowBuffer", "Store", "WindowFlush"]
 
@@ -411,6 +412,8 @@ class CompressedLayer:
     config: MethodConfig
     keys: Store
     values: Store
+    #: The method's fused decode kernel (a :class:`kvpack.kernels.Kernel` taking :meth:`_decode_args`), or None.
+    decode_op = None
 
     def __init__(self, config: MethodConfig, layer_idx: int = 0) -> None:
         self.config = config
@@ -422,6 +425,7 @@ class CompressedLayer:
         self._shape: tuple[int, int, int] | None = None  # (B, H_kv, D)
         self._dtype: torch.dtype | None = None
         self._device: torch.device | None = None
+        self._empty_rows: dict[tuple, dict[str, torch.Tensor]] = {}  # what _rows reads before the first flush
 
     # --- input checks ---------------------------------------------------------------------------------
     def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -573,21 +577,75 @@ class CompressedLayer:
                 than stored tokens.
             TypeError: a mask that is neither bool nor floating (an integer 0/1 mask is refused, not guessed).
         """
+        self._check_query(query)
         batch, heads_q, t_q, dim = query.shape
         scale = dim**-0.5 if scale is None else scale
         if t_q >= SDPA_MIN_QUERIES:
             return self._attend_materialized(query, scale, attention_mask)
-        scores = self.scores(query) * scale  # (B, H_q, T_q, T)
-        total = scores.shape[-1]
-        mask = _mask(attention_mask, t_q, total, scores.device, whole_causal=False)
-        if isinstance(mask, torch.Tensor):
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        probs = torch.softmax(scores, dim=-1)
-        if attention_mask is not None:
-            probs = probs.nan_to_num(0.0)
         heads_kv = self._shape[1]
-        out = self.values.weighted_sum(probs.reshape(batch, heads_kv, -1, total))  # (B, H_kv, rep*T_q, D)
+        grouped = query.float().reshape(batch, heads_kv, (heads_q // heads_kv) * t_q, dim)
+        mask = self._grouped_mask(attention_mask, query, self.num_tokens)
+        out = self._decode(grouped, mask, scale)  # (B, H_kv, rep * T_q, D) float32
         return out.reshape(batch, heads_q, t_q, dim).to(query.dtype)
+
+    def _grouped_mask(self, attention_mask, query: torch.Tensor, total: int) -> torch.Tensor | None:
+        """:func:`_mask` for the packed path: None, or an additive float32 (B, H_kv, rep * T_q, T) view whose
+        row order is the grouped query's."""
+        batch, heads_q, t_q, _ = query.shape
+        mask = _mask(attention_mask, t_q, total, query.device, whole_causal=False)
+        if mask is None:
+            return None
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+        try:
+            mask = mask.expand(batch, heads_q, t_q, total)
+        except RuntimeError:
+            raise ValueError(
+                f"attention_mask of shape {tuple(attention_mask.shape) if attention_mask is not None else None} "
+                f"does not broadcast to (batch, q_heads, queries, tokens) = {(batch, heads_q, t_q, total)}"
+            ) from None
+        heads_kv = self._shape[1]
+        return mask.reshape(batch, heads_kv, (heads_q // heads_kv) * t_q, total)
+
+    def _rows(self, store: Store) -> tuple[int, dict[str, torch.Tensor], list[torch.Tensor]]:
+        """What attention reads of one side: (n, row tensors, the fp tensors after them), where the first ``n``
+        rows of each row tensor are read: the rows' storage itself (its capacity slack included, no slicing
+        per step), or empty tensors of the format's shapes before the first flush."""
+        n_rows, fp = store.split()
+        rows = store.rows
+        if rows and all(buf.start == 0 for buf in rows.values()) and len({b.data.shape[2] for b in rows.values()}) == 1:
+            return n_rows, {name: buf.data for name, buf in rows.items()}, fp
+        if rows:
+            return n_rows, store.row_views(n_rows), fp
+        key = (self._shape, self._dtype, self._device, id(store))
+        if key not in self._empty_rows:  # a handful of entries: (batch size, side) pairs seen
+            batch, heads, dim = self._shape
+            spec = store.format.spec(batch, heads, dim, self._dtype, 0)
+            self._empty_rows[key] = {name: torch.empty(shape, dtype=dtype, device=self._device)
+                                     for name, (shape, dtype) in spec.items()}  # fmt: skip
+        return 0, self._empty_rows[key], fp
+
+    def _decode_args(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> tuple:
+        """The arguments of :attr:`decode_op` for this step (methods with a fused decode kernel)."""
+        raise NotImplementedError
+
+    def _decode(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """The packed attention step: ``query`` (B, H_kv, M, D) float32 grouped rows, ``mask`` None or additive
+        (B, H_kv, M, T) -> (B, H_kv, M, D) float32.
+
+        Methods with a fused decode kernel set :attr:`decode_op` and :meth:`_decode_args`: one call. Otherwise
+        this composes the formats' ``scores`` and ``weighted_sum``.
+        """
+        if self.decode_op is not None:
+            return self.decode_op(*self._decode_args(query, mask, scale))
+        n_keys, key_rows, key_fp = self._rows(self.keys)
+        n_values, value_rows, value_fp = self._rows(self.values)
+        key_format, value_format = self.keys.format, self.values.format
+        key_rows = {name: x[:, :, :n_keys] for name, x in key_rows.items()}
+        value_rows = {name: x[:, :, :n_values] for name, x in value_rows.items()}
+        scores = (lambda q: key_format.scores(q, key_rows)) if n_keys else None
+        return decode.reference(query, scores, key_fp, lambda w: value_format.weighted_sum(w, value_rows),
+                                n_values * value_format.unit, value_fp, mask, scale)  # fmt: skip
 
     def _attend_materialized(self, query: torch.Tensor, scale: float, attention_mask: torch.Tensor | None):
         """:meth:`attend` for many query rows: SDPA (float32) over :meth:`materialize`'s K/V, same masks."""

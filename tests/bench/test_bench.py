@@ -49,7 +49,7 @@ def test_every_registered_setting_is_a_bench_row():
 
 
 def test_a_variant_that_computes_something_else_fails_before_it_is_timed(tmp_path, monkeypatch):
-    kernel = kvpack.kernels.registered()["value_weighted_sum"]
+    kernel = kvpack.kernels.registered()["kivi_decode"]
     monkeypatch.setattr(kernel, "cpu", lambda *args: kernel.reference(*args) * 1.01)  # a 1% wrong fast kernel
     argv = ["bench", "--parts", "attention", "--batch", "1", "--context", "300", "--layers", "1", "--repeat", "1",
             "--out", str(tmp_path), "--methods", "fp32 SDPA", "kvpack KIVI-2"]  # fmt: skip

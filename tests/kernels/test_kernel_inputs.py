@@ -48,7 +48,7 @@ from kvpack.kernels import KernelUnavailableError, native
 from kvpack.methods.turbo import _Codec, random_rotation
 from kvpack.primitives import unpack_bits
 
-from kernel_helpers import dispatch, fast, reference
+from kernel_helpers import decode_sample, dispatch, fast, reference, to_meta
 
 # The reference's own warning for a sketch whose rank a mutation changed.
 pytestmark = pytest.mark.filterwarnings("ignore:The use of `x.T` on tensors:UserWarning")
@@ -764,8 +764,10 @@ def test_none_for_the_only_tensor_is_a_type_error(name, args):
 
 
 # --- tensors on another device never reach the C++ --------------------------------------------------------
+@functools.cache
 def cpu_cases():
-    """One small valid input per kernel, on the CPU."""
+    """One small valid input per kernel, on the CPU (built once: the decode ops' come from layers, whose
+    appends run the quantize kernels, which the tests below forbid)."""
     gen = torch.Generator().manual_seed(3)
     codes_k, scale_k, zero_k = reference.quantize_pack_key_groups(torch.randn(1, 2, 64, 16, generator=gen), 2, 32)
     codes_v, scale_v, zero_v = reference.quantize_pack_tokens(torch.randn(1, 2, 5, 16, generator=gen), 4, 8)
@@ -782,6 +784,16 @@ def cpu_cases():
         "quantize_pack_tokens": [x, 2, 8, torch.float16],
         "quantize_pack_key_groups": [x, 2, 8, torch.float16],
         "pack_signs": [torch.randn(2, 3, 72, generator=gen)],
+        "kivi_decode": list(decode_sample(kvpack.KIVIConfig(group_size=8, residual_length=16), dim=16)),
+        "qjl_decode": list(
+            decode_sample(
+                kvpack.QJLConfig(
+                    group_size=8, residual_length=16, sketch_dim=32, outlier_channels=2, outlier_sketch_dim=16
+                ),
+                dim=16,
+            )
+        ),
+        "turbo_decode": list(decode_sample(kvpack.TurboConfig(group_size=8, residual_length=16), dim=16)),
     }
 
 
@@ -794,6 +806,7 @@ def no_cpp(monkeypatch):
         raise AssertionError(f"{entry}: a pointer reached the C++ for a tensor on another device")
 
     monkeypatch.setattr(native, "call", boom)
+    monkeypatch.setattr(native, "call_flat", boom)
 
 
 def outputs(result):
@@ -808,7 +821,7 @@ def test_meta_tensors_never_reach_the_cpp(monkeypatch, name):
     no_cpp(monkeypatch)
     kernel, args = kernels.registered()[name], cpu_cases()[name]
     want = kernel.reference(*args)
-    meta_args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    meta_args = [to_meta(a) for a in args]
     reason = kernel.check(*meta_args)
     assert reason and "meta" in reason
     modes = ["auto", "reference"]
@@ -825,12 +838,20 @@ def test_meta_tensors_never_reach_the_cpp(monkeypatch, name):
 
 def mixed_device_cases():
     """(kernel name, argument index): every kernel taking two or more tensors, one of them (not the first)
-    moved to ``meta``."""
+    moved to ``meta``; ``(i, j)`` is tensor j of the list at argument i (the decode ops' fp tokens)."""
     cases = []
     for name, args in sorted(cpu_cases().items()):
         tensors_at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        tensors_at += [(i, j) for i, a in enumerate(args) if isinstance(a, list) for j in range(len(a))]
         cases += [(name, i) for i in tensors_at[1:]]
     return cases
+
+
+def one_on_meta(args, index):
+    if isinstance(index, tuple):
+        i, j = index
+        return [[x.to("meta") if k == j else x for k, x in enumerate(a)] if n == i else a for n, a in enumerate(args)]
+    return [a.to("meta") if i == index else a for i, a in enumerate(args)]
 
 
 @pytest.mark.parametrize("name,index", mixed_device_cases())
@@ -838,7 +859,7 @@ def test_mixed_devices_raise_or_match_the_reference(monkeypatch, name, index):
     no_cpp(monkeypatch)  # never reached: a crash would show the C++ was handed a meta pointer
     kernel, args = kernels.registered()[name], cpu_cases()[name]
     want = kernel.reference(*args)
-    mixed = [a.to("meta") if i == index else a for i, a in enumerate(args)]
+    mixed = one_on_meta(args, index)
     assert "meta" in kernel.check(*mixed)
     for mode in ("auto", "reference"):
         try:

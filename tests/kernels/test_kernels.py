@@ -17,7 +17,7 @@ from kvpack.kernels import native
 from kvpack.methods.turbo import _Codec, random_rotation
 from kvpack.primitives import dequantize_affine, pack_bits, quantize_affine, unpack_bits
 
-from kernel_helpers import dispatch, reference
+from kernel_helpers import decode_sample, dispatch, reference, to_meta
 from kernel_helpers import fast as cpu  # the fast CPU kernel of each op, forced
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -583,6 +583,9 @@ def op_samples():
         "pack_signs": (torch.randn(2, 3, 40),),
         "turbo_key_scores": (torch.randn(1, 2, 3, 64), tcodes, tscale, codebook, 2),
         "turbo_weighted_sum": (torch.rand(1, 2, 3, 9), tcodes, tscale, codebook, 2),
+        "kivi_decode": decode_sample(KIVIConfig(group_size=8, residual_length=16)),
+        "qjl_decode": decode_sample(QJLConfig(group_size=8, residual_length=16, sketch_dim=32, outlier_sketch_dim=16)),
+        "turbo_decode": decode_sample(TurboConfig(group_size=8, residual_length=16)),
     }
 
 
@@ -597,6 +600,6 @@ def test_ops_pass_opcheck_and_their_fakes_give_the_real_shapes(name):
     kernel, args = kernels.registered()[name], op_samples()[name]
     torch.library.opcheck(kernel.op, args)
     real = kernel(*args)
-    meta = kernel(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+    meta = kernel(*[to_meta(a) for a in args])
     for got, want in zip(meta if isinstance(meta, tuple) else (meta,), real if isinstance(real, tuple) else (real,)):
         assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype

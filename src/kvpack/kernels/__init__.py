@@ -169,6 +169,7 @@ def _one_device(name: str, args) -> None:
     """Raise ``ValueError`` unless every tensor argument is on one device (torch ops given a mix of meta and
     CPU tensors can return uninitialized CPU memory instead of failing)."""
     devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+    devices |= {x.device for a in args if isinstance(a, (list, tuple)) for x in a if isinstance(x, torch.Tensor)}
     if len(devices) > 1:
         raise ValueError(f"{name}: the tensors are on several devices: {sorted(map(str, devices))}")
 

@@ -2,8 +2,8 @@
 
 The library is plain C++ (no torch headers), so building it takes seconds rather than the minutes a
 ``torch.utils.cpp_extension`` build of ``torch/extension.h`` takes. Its sources are
-``kernels/csrc/abi.cpp`` plus ``methods/<name>/cpu.cpp`` of every method folder, sharing
-``kernels/csrc/kvpack.h``. It is built once per source set, compiler, flags and target into ``kernels/``
+``kernels/csrc/abi.cpp`` plus ``methods/<name>/cpu.cpp`` of every method folder, sharing the headers of
+``kernels/csrc`` (``kvpack.h``; ``decode.h``, the fused decode step; ``affine.h``, min-max codes). It is built once per source set, compiler, flags and target into ``kernels/``
 of kvpack's cache folder (``$KVPACK_CACHE``, else ``~/.cache/kvpack``) and loaded from there afterwards.
 It is compiled with ``-fopenmp``; loaded after torch, the dynamic loader resolves its ``libgomp.so.1`` to
 the copy torch already loaded, so both share one OpenMP thread pool and ``torch.set_num_threads`` governs
@@ -23,6 +23,7 @@ import platform
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -30,7 +31,19 @@ from pathlib import Path
 
 from kvpack.paths import cache_root
 
-__all__ = ["ABI_VERSION", "ISA_LEVELS", "available", "cache_dir", "call", "entry", "isa", "load", "sources"]
+__all__ = [
+    "ABI_VERSION",
+    "ISA_LEVELS",
+    "available",
+    "cache_dir",
+    "call",
+    "call_flat",
+    "double_bits",
+    "entry",
+    "isa",
+    "load",
+    "sources",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +71,9 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _ENTRIES: dict[str, type[ctypes.Structure]] = {}
+_FUNCTIONS: dict[str, ctypes._CFuncPtr] = {}  # declared entry points of the loaded library
+_SIZES: dict[str, int] = {}
+_DOUBLE, _DOUBLE_BYTES = struct.Struct("q"), struct.Struct("d")
 
 
 def sources() -> list[Path]:
@@ -74,13 +90,42 @@ def entry(name: str, args: type[ctypes.Structure]) -> None:
 
 def _declare(lib: ctypes.CDLL, name: str, args: type[ctypes.Structure]) -> None:
     fn = getattr(lib, name)
-    fn.argtypes = [ctypes.POINTER(args)]
+    fn.argtypes = None  # a pointer to the struct or to call_flat's array of the same layout
     fn.restype = ctypes.c_int
+    _FUNCTIONS[name] = fn
 
 
 def call(name: str, args: ctypes.Structure) -> int:
     """Run entry point ``name`` on ``args`` (a filled instance of its struct); returns its int result."""
-    return getattr(load(), name)(ctypes.byref(args))
+    if type(args) is not _ENTRIES[name]:
+        raise TypeError(f"{name} takes a {_ENTRIES[name].__name__}, got {type(args).__name__}")
+    fn = _FUNCTIONS.get(name)  # the hot path: no lock once loaded
+    if fn is None:
+        load()
+        fn = _FUNCTIONS[name]
+    return fn(ctypes.byref(args))
+
+
+def call_flat(name: str, fields: list) -> int:
+    """Run entry point ``name`` on its struct given as a flat list of 8-byte fields in declaration order
+    (ints, pointers as ints, doubles as :func:`double_bits`): one C-level array build instead of a ctypes
+    attribute set per field (the decode steps fill ~60 fields per call). The length is checked against the
+    declared struct, so a list that does not match the layout is refused, never passed."""
+    size = _SIZES.get(name)
+    if size is None:
+        size = _SIZES[name] = ctypes.sizeof(_ENTRIES[name])
+    if len(fields) * 8 != size:
+        raise RuntimeError(f"{name}: {len(fields)} fields given for a {size}-byte argument struct")
+    fn = _FUNCTIONS.get(name)
+    if fn is None:
+        load()
+        fn = _FUNCTIONS[name]
+    return fn(ctypes.byref((ctypes.c_int64 * len(fields))(*fields)))
+
+
+def double_bits(x: float) -> int:
+    """``x`` as a float64's bit pattern, for a ``double`` field of :func:`call_flat`."""
+    return _DOUBLE.unpack(_DOUBLE_BYTES.pack(x))[0]
 
 
 def cache_dir() -> Path:
@@ -146,8 +191,9 @@ def _build(compiler: str) -> Path:
     files = sources()
     flags = _flags()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    parts = [_HEADER.read_bytes(), *(f.read_bytes() for f in files), " ".join(flags).encode(), version.encode(),
-             _target_id(compiler, flags).encode()]  # fmt: skip
+    headers = sorted(_HEADER.parent.glob("*.h"))
+    parts = [*(f.read_bytes() for f in headers), *(f.read_bytes() for f in files), " ".join(flags).encode(),
+             version.encode(), _target_id(compiler, flags).encode()]  # fmt: skip
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     target = cache_dir() / f"kvpack_cpu-{isa()}-{key}.so"
     if target.exists():

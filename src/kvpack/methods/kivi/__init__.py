@@ -137,8 +137,18 @@ class AffineValueFormat(Format):
 class KIVILayer(CompressedLayer):
     """One layer's KIVI store; see :class:`kvpack.store.CompressedLayer` for the API."""
 
+    decode_op = ops.kivi_decode
+
     def formats(self):
         config = self.config
         scale_dtype = config.torch_scale_dtype
         return (KIVIKeyFormat(config.key_bits, config.group_size, scale_dtype),
                 AffineValueFormat(config.value_bits, config.group_size, scale_dtype))  # fmt: skip
+
+    def _decode_args(self, query, mask, scale):
+        n_keys, k, key_fp = self._rows(self.keys)
+        n_values, v, value_fp = self._rows(self.values)
+        c = self.config
+        return (query, k["codes"], k["scale"], k["zero"], n_keys, key_fp, v["codes"], v["scale"],
+                v["zero"], n_values, value_fp, mask, scale, c.key_bits, c.value_bits,
+                c.group_size)  # fmt: skip

@@ -11,11 +11,12 @@ import ctypes
 
 import torch
 
-from ...kernels import native
+from ...kernels import decode, native
 from ...kernels.checks import (
     SCALE_TYPES,
     bits_in,
     codes_reason,
+    inner,
     inner_contiguous,
     not_cpu,
     same,
@@ -51,7 +52,15 @@ class QuantizeArgs(ctypes.Structure):
                 ("scale", _P), ("zero", _P)]  # fmt: skip
 
 
+class KiviDecodeArgs(ctypes.Structure):
+    _fields_ = [("common", decode.DecodeArgs), ("key_codes", _P), ("key_codes_strides", _I * 2), ("key_scale", _P),
+                ("key_zero", _P), ("key_scale_strides", _I * 2), ("value_codes", _P), ("value_codes_strides", _I * 3),
+                ("value_scale", _P), ("value_zero", _P), ("value_scale_strides", _I * 3), ("scale_type", _I),
+                ("key_bits", _I), ("value_bits", _I), ("group", _I)]  # fmt: skip
+
+
 native.entry("kvpack_kivi_key_scores", KiviKeyScoresArgs)
+native.entry("kvpack_kivi_decode", KiviDecodeArgs)
 native.entry("kvpack_value_weighted_sum", ValueWeightedSumArgs)
 native.entry("kvpack_quantize_tokens", QuantizeArgs)
 native.entry("kvpack_quantize_key_groups", QuantizeArgs)
@@ -114,6 +123,64 @@ def check_value_weighted_sum(weights, codes, scale, zero, bits, group_size) -> s
     return not_cpu(weights, codes, scale, zero) or codes_reason(codes) or scale_reason(scale, zero)
 
 
+def check_rows(name: str, used, capacity: int) -> None:
+    """``used`` rows of a decode op's row tensors (which may hold more: the store's capacity) is an int in
+    [0, capacity]."""
+    if type(used) is not int or not 0 <= used <= capacity:
+        raise ValueError(f"{name} must be an int in [0, {capacity}] (rows held by its tensors), got {used!r}")
+
+
+def check_affine_values(codes, scale, zero, used, batch, heads, dim, bits, group_size) -> str | None:
+    """Per-token affine value rows (KIVI's and QJL's) as the decode steps read them: codes (B, H, T, D * bits
+    / 8) uint8, scale/zero (B, H, T, D / G) of one scale dtype, of which the first ``used`` tokens count."""
+    tensor("value_codes", codes, 4)
+    tensor("value_scale", scale, 4)
+    tensor("value_zero", zero, 4)
+    bits_in(bits, _QUANT_BITS)
+    if type(group_size) is not int or group_size <= 0 or dim % group_size or dim * bits % 8:
+        raise ValueError(f"group_size {group_size!r} and value bits {bits} do not fit head_dim {dim}")
+    tokens = codes.shape[2]
+    check_rows("value_rows", used, tokens)
+    if codes.shape != (batch, heads, tokens, dim * bits // 8):
+        same("value_codes", codes.shape, (batch, heads, tokens, dim * bits // 8), "shape")
+    if scale.shape != (batch, heads, tokens, dim // group_size):
+        same("value_scale", scale.shape, (batch, heads, tokens, dim // group_size), "shape")
+    if zero.shape != scale.shape:
+        same("value_zero", zero.shape, scale.shape, "shape")
+    if bits not in _BITS:
+        return f"value bits={bits} (fast kernels take {_BITS})"
+    if group_size % 8:
+        return f"group_size {group_size} (fast kernels need a multiple of 8)"
+    return not_cpu(codes, scale, zero) or codes_reason(codes) or scale_reason(scale, zero)
+
+
+def check_kivi_decode(query, key_codes, key_scale, key_zero, key_rows, key_fp, value_codes, value_scale, value_zero,
+                      value_rows, value_fp, mask, scale, key_bits, value_bits, group_size) -> str | None:  # fmt: skip
+    tensor("query", query, 4)
+    tensor("key_codes", key_codes, 5)
+    tensor("key_scale", key_scale, 4)
+    tensor("key_zero", key_zero, 4)
+    bits_in(key_bits, _QUANT_BITS)
+    batch, heads, _, dim = query.shape
+    reason = check_affine_values(value_codes, value_scale, value_zero, value_rows, batch, heads, dim, value_bits,
+                                 group_size)  # fmt: skip
+    n_groups = key_codes.shape[2]
+    check_rows("key_rows", key_rows, n_groups)
+    if group_size * key_bits % 8 or key_codes.shape != (batch, heads, n_groups, dim, group_size * key_bits // 8):
+        same("key_codes", key_codes.shape, (batch, heads, n_groups, dim, group_size * key_bits / 8), "shape")
+    if key_scale.shape != key_codes.shape[:4]:
+        same("key_scale", key_scale.shape, key_codes.shape[:4], "shape")
+    if key_zero.shape != key_scale.shape:
+        same("key_zero", key_zero.shape, key_scale.shape, "shape")
+    common, _ = decode.check(query, key_fp, value_fp, mask, scale, key_rows * group_size, value_rows)
+    if key_bits not in _BITS:
+        return f"key bits={key_bits} (fast kernels take {_BITS})"
+    if key_scale.dtype != value_scale.dtype:
+        return f"key and value scale dtypes differ ({key_scale.dtype}, {value_scale.dtype})"
+    return (reason or common or not_cpu(key_codes, key_scale, key_zero) or codes_reason(key_codes)
+            or scale_reason(key_scale, key_zero))  # fmt: skip
+
+
 def check_quantize(x, bits, group_size, scale_dtype=None) -> str | None:
     """Both quantize kernels; arguments the reference refuses (bits, a group size that does not divide the
     axis) are left to the reference, which the fast implementation then calls."""
@@ -167,6 +234,33 @@ def value_weighted_sum_cpu(weights, codes, scale, zero, bits, group_size):
                                 batch, heads, rows, tokens, dim, group_size, bits, torch.get_num_threads(),
                                 out.data_ptr())  # fmt: skip
     native.call("kvpack_value_weighted_sum", args)
+    return out
+
+
+def affine_value_views(codes, scale, zero):
+    """The value rows with the layout the decode kernels read (last axis contiguous, scale/zero alike)."""
+    codes = inner(codes, 1)
+    if not (scale.stride(-1) == 1 and scale.stride() == zero.stride()):
+        scale, zero = scale.contiguous(), zero.contiguous()
+    return codes, scale, zero
+
+
+def kivi_decode_cpu(query, key_codes, key_scale, key_zero, key_rows, key_fp, value_codes, value_scale, value_zero,
+                    value_rows, value_fp, mask, scale, key_bits, value_bits, group_size):  # fmt: skip
+    batch, heads, rows, dim = query.shape
+    key_quantized, value_quantized = key_rows * group_size, value_rows
+    tokens = value_quantized + sum(v.shape[2] for v in value_fp)
+    key_codes = inner(key_codes, 3)
+    if not (inner_contiguous(key_scale, 2) and key_scale.stride() == key_zero.stride()):
+        key_scale, key_zero = key_scale.contiguous(), key_zero.contiguous()
+    value_codes, value_scale, value_zero = affine_value_views(value_codes, value_scale, value_zero)
+    out = torch.empty(batch, heads, rows, dim, dtype=torch.float32)
+    common, kept = decode.fields(query, key_fp, value_fp, mask, scale, key_quantized, value_quantized, tokens, out)
+    native.call_flat("kvpack_kivi_decode", [
+        *common, key_codes.data_ptr(), *key_codes.stride()[:2], key_scale.data_ptr(), key_zero.data_ptr(),
+        *key_scale.stride()[:2], value_codes.data_ptr(), *value_codes.stride()[:3], value_scale.data_ptr(),
+        value_zero.data_ptr(), *value_scale.stride()[:3], SCALE_TYPES[key_scale.dtype], key_bits, value_bits,
+        group_size])  # fmt: skip
     return out
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels import Kernel
+from ...kernels import Kernel, decode
 from . import cpu, reference
 
-__all__ = ["kivi_key_scores", "quantize_pack_key_groups", "quantize_pack_tokens", "value_weighted_sum"]
+__all__ = ["kivi_decode", "kivi_key_scores", "quantize_pack_key_groups", "quantize_pack_tokens", "value_weighted_sum"]
 
 
 def _key_scores_fake(query, codes, scale, zero, bits):
@@ -53,4 +53,27 @@ quantize_pack_tokens = Kernel(
 quantize_pack_key_groups = Kernel(
     "quantize_pack_key_groups", "(Tensor keys, int bits, int group_size, ScalarType? scale_dtype=None) -> (Tensor, Tensor, Tensor)",
     reference.quantize_pack_key_groups, _key_groups_fake, cpu.check_quantize, cpu.quantize_pack_key_groups_cpu,
+)  # fmt: skip
+
+
+def _decode_fake(query, *args):
+    return torch.empty_like(query, dtype=torch.float32)
+
+
+def _kivi_decode(query, key_codes, key_scale, key_zero, key_rows, key_fp, value_codes, value_scale, value_zero,
+                 value_rows, value_fp, mask, scale, key_bits, value_bits, group_size):  # fmt: skip
+    """The decode step composed of KIVI's per-kernel ops (each fast or reference under the backend policy)."""
+    kc, ks, kz = (x[:, :, :key_rows] for x in (key_codes, key_scale, key_zero))
+    vc, vs, vz = (x[:, :, :value_rows] for x in (value_codes, value_scale, value_zero))
+    scores = (lambda q: kivi_key_scores(q, kc, ks, kz, key_bits)) if key_rows else None
+    return decode.reference(query, scores, key_fp, lambda w: value_weighted_sum(w, vc, vs, vz, value_bits, group_size),
+                            value_rows, value_fp, mask, scale)  # fmt: skip
+
+
+kivi_decode = Kernel(
+    "kivi_decode",
+    "(Tensor query, Tensor key_codes, Tensor key_scale, Tensor key_zero, int key_rows, Tensor[] key_fp, "
+    "Tensor value_codes, Tensor value_scale, Tensor value_zero, int value_rows, Tensor[] value_fp, Tensor? mask, "
+    "float scale, int key_bits, int value_bits, int group_size) -> Tensor",
+    _kivi_decode, _decode_fake, cpu.check_kivi_decode, cpu.kivi_decode_cpu,
 )  # fmt: skip

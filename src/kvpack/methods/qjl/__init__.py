@@ -330,10 +330,20 @@ class QJLLayer(CompressedLayer):
     ``nbytes()`` also counts the layer's sketch S (m * head_dim float32, a fixed cost per layer).
     """
 
+    decode_op = ops.qjl_decode
+
     def formats(self):
         config = self.config
         values = AffineValueFormat(config.value_bits, config.group_size, config.torch_scale_dtype)
         return QJLKeyFormat(config, self.layer_idx), values
+
+    def _decode_args(self, query, mask, scale):
+        n_keys, k, key_fp = self._rows(self.keys)
+        n_values, v, value_fp = self._rows(self.values)
+        keys, c = self.keys.format, self.config
+        return (query, keys.sketch_on(query.device), k["outlier_idx"], k["signs"], k["norms"],
+                k["outlier_signs"], keys._outlier_norms(k), n_keys, key_fp, v["codes"], v["scale"],
+                v["zero"], n_values, value_fp, mask, scale, c.value_bits, c.group_size)  # fmt: skip
 
     @property
     def sketch_dim(self) -> int:

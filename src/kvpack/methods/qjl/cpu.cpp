@@ -1,5 +1,7 @@
-// QJL's fused CPU kernels: score estimates over sketched key groups, and sign packing at flush.
-#include "kvpack.h"
+// QJL's fused CPU kernels: score estimates over sketched key groups, the fused decode step (with KIVI's
+// affine values, kernels/csrc/affine.h), and sign packing at flush.
+#include "affine.h"
+#include "decode.h"
 
 namespace kvpack {
 namespace {
@@ -131,53 +133,96 @@ void qjl_rows(const float* query, int64_t q_row, const float* sketched, int64_t 
 
 
 
-// q (B, H, M, D) float32 with strides q_s[4] (q_s[3] == 1); sq = S q (B, H, M, m) float32 contiguous;
-// sketch_t (D, m) contiguous;
-// outlier_idx (B, H, N, k) uint8, signs (B, H, N, G, m / 8), norms (B, H, N, G), outlier_signs
-// (B, H, N, G, m_o / 8), outlier_norms (B, H, N, G): batch/head strides in idx_s, signs_s, norms_s,
-// osigns_s, onorms_s (2 each), the rest contiguous; out (B, H, M, N * G) float32 contiguous.
-int qjl_key_scores_impl(const float* q, const int64_t* q_s, const float* sq, const float* sketch_t,
-                           const uint8_t* outlier_idx, const int64_t* idx_s, const uint8_t* signs,
-                           const int64_t* signs_s, const void* norms, const int64_t* norms_s,
-                           const uint8_t* outlier_signs, const int64_t* osigns_s, const void* outlier_norms,
-                           const int64_t* onorms_s, int norm_type, float* out, int64_t B, int64_t H, int M,
-                           int64_t N, int D, int G, int m, int m_o, int k, int threads) {
-  const int esize = norm_type == kF32 ? 4 : 2;
-  const int64_t per_block = std::max<int64_t>(1, 512 / G);
-  const int64_t blocks = (N + per_block - 1) / per_block;
-  const int64_t items = B * H * blocks;
-  const int64_t out_row = N * G;
-  const double work = (double)B * H * M * N * G * (m + m_o) / 8;
-  int bad = 0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(| : bad) if (threads > 1 && work > 2e5)
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t bh = it / blocks, blk = it % blocks;
-    const int64_t b = bh / H, h = bh % H;
-    const int64_t n0 = blk * per_block, n1 = std::min(N, n0 + per_block);
-    const float* qb = q + b * q_s[0] + h * q_s[1];
-    const float* sqb = sq + (b * H + h) * M * m;
-    const uint8_t* ib = outlier_idx ? outlier_idx + b * idx_s[0] + h * idx_s[1] : nullptr;
-    const uint8_t* sb = signs + b * signs_s[0] + h * signs_s[1];
-    const void* nb = static_cast<const char*>(norms) + (b * norms_s[0] + h * norms_s[1]) * esize;
-    const uint8_t* ob = outlier_signs ? outlier_signs + b * osigns_s[0] + h * osigns_s[1] : nullptr;
+// All M rows of one (batch, head), groups [0, n): the pointers already at that (batch, head) and first group.
+inline void qjl_item(const float* q, int64_t q_row, int M, const float* sq, const float* sketch_t, int m, int m_o,
+                     int k, const uint8_t* idx, const uint8_t* signs, const void* norms, const uint8_t* osigns,
+                     const void* onorms, int norm_type, float* out, int64_t out_row, int64_t n, int G, int D,
+                     int* bad) {
+  int r = 0;
+  for (; r + 4 <= M; r += 4)
+    qjl_rows<4>(q + r * q_row, q_row, sq + r * m, m, sketch_t, m, m_o, k, idx, signs, norms, osigns, onorms, norm_type,
+                out + r * out_row, out_row, 0, n, G, D, bad);
+  const float *qr = q + r * q_row, *sqr = sq + r * m;
+  float* o = out + r * out_row;
+  switch (M - r) {
+    case 3: qjl_rows<3>(qr, q_row, sqr, m, sketch_t, m, m_o, k, idx, signs, norms, osigns, onorms, norm_type, o, out_row,
+                        0, n, G, D, bad); break;
+    case 2: qjl_rows<2>(qr, q_row, sqr, m, sketch_t, m, m_o, k, idx, signs, norms, osigns, onorms, norm_type, o, out_row,
+                        0, n, G, D, bad); break;
+    case 1: qjl_rows<1>(qr, q_row, sqr, m, sketch_t, m, m_o, k, idx, signs, norms, osigns, onorms, norm_type, o, out_row,
+                        0, n, G, D, bad); break;
+    default: break;
+  }
+}
+
+// The sketched key groups of one layer: outlier_idx (B, H, N, k) uint8, signs (B, H, N, G, m / 8), norms
+// (B, H, N, G), outlier_signs (B, H, N, G, m_o / 8), outlier_norms (B, H, N, G): batch/head strides in idx_s,
+// signs_s, norms_s, osigns_s, onorms_s (2 each), the rest contiguous; absent parts null (k = 0, m_o = 0).
+// sq = S q (B, H, M, m) float32 contiguous; sketch_t (D, m) contiguous. Also the decode Keys policy.
+struct QjlKeys {
+  const float* sq;
+  const float* sketch_t;
+  const uint8_t* idx;
+  const int64_t* idx_s;
+  const uint8_t* signs;
+  const int64_t* signs_s;
+  const void* norms;
+  const int64_t* norms_s;
+  const uint8_t* osigns;
+  const int64_t* osigns_s;
+  const void* onorms;
+  const int64_t* onorms_s;
+  int norm_type;
+  int64_t H;
+  int rows, D, G, m, m_o, k;
+  int* bad;  // set when an outlier index is >= D
+  int64_t unit;
+
+  struct Scratch {
+    Scratch(const QjlKeys&, int, int) {}
+  };
+
+  // Scores of groups [t0 / G, t1 / G) of (b, h) into out (M, t1 - t0).
+  void scores(int64_t b, int64_t h, const float* q, int64_t q_row, int M, int64_t t0, int64_t t1, float* out,
+              int64_t out_row, Scratch&) const {
+    const int64_t n0 = t0 / G, n1 = t1 / G;
+    const int esize = norm_type == kF32 ? 4 : 2;
+    const uint8_t* ib = idx ? idx + b * idx_s[0] + h * idx_s[1] + n0 * k : nullptr;
+    const uint8_t* sb = signs + b * signs_s[0] + h * signs_s[1] + n0 * G * (m / 8);
+    const void* nb = static_cast<const char*>(norms) + (b * norms_s[0] + h * norms_s[1] + n0 * G) * esize;
+    const uint8_t* ob = osigns ? osigns + b * osigns_s[0] + h * osigns_s[1] + n0 * G * (m_o / 8) : nullptr;
     const void* onb =
-        outlier_norms ? static_cast<const char*>(outlier_norms) + (b * onorms_s[0] + h * onorms_s[1]) * esize : nullptr;
-    float* ob_out = out + (b * H + h) * M * out_row;
-    int r = 0;
-    for (; r + 4 <= M; r += 4)
-      qjl_rows<4>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
-                  ob_out + r * out_row, out_row, n0, n1, G, D, &bad);
-    switch (M - r) {
-      case 3: qjl_rows<3>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
-                          ob_out + r * out_row, out_row, n0, n1, G, D, &bad); break;
-      case 2: qjl_rows<2>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
-                          ob_out + r * out_row, out_row, n0, n1, G, D, &bad); break;
-      case 1: qjl_rows<1>(qb + r * q_s[2], q_s[2], sqb + r * m, m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type,
-                          ob_out + r * out_row, out_row, n0, n1, G, D, &bad); break;
-      default: break;
+        onorms ? static_cast<const char*>(onorms) + (b * onorms_s[0] + h * onorms_s[1] + n0 * G) * esize : nullptr;
+    int flagged = 0;
+    qjl_item(q, q_row, M, sq + (b * H + h) * rows * m, sketch_t, m, m_o, k, ib, sb, nb, ob, onb, norm_type, out,
+             out_row, n1 - n0, G, D, &flagged);
+    if (flagged) {
+#pragma omp atomic write
+      *bad = 1;
     }
   }
-  return bad;
+};
+
+// q (B, H, M, D) float32 with strides q_s[4] (q_s[3] == 1); keys as QjlKeys; out (B, H, M, N * G) float32
+// contiguous. Returns 1 when an outlier index is >= D, else 0.
+int qjl_key_scores_impl(const float* q, const int64_t* q_s, const QjlKeys& keys, float* out, int64_t B, int M,
+                        int64_t N, int threads) {
+  const int G = keys.G;
+  const int64_t per_block = std::max<int64_t>(1, 512 / G);
+  const int64_t blocks = (N + per_block - 1) / per_block;
+  const int64_t items = B * keys.H * blocks;
+  const int64_t out_row = N * G;
+  const double work = (double)B * keys.H * M * N * G * (keys.m + keys.m_o) / 8;
+  const QjlKeys::Scratch scratch(keys, M, keys.D);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && work > 2e5)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t bh = it / blocks, blk = it % blocks, b = bh / keys.H, h = bh % keys.H;
+    const int64_t n0 = blk * per_block, n1 = std::min(N, n0 + per_block);
+    QjlKeys::Scratch local = scratch;
+    keys.scores(b, h, q + b * q_s[0] + h * q_s[1], q_s[2], M, n0 * G, n1 * G, out + bh * M * out_row + n0 * G,
+                out_row, local);
+  }
+  return *keys.bad;
 }
 
 // Sign bits: x (rows, m) float32 with row stride x_row (unit stride inside a row) -> out (rows, ceil(m / 8))
@@ -234,16 +279,55 @@ struct PackSignsArgs {
   uint8_t* out;
 };
 
+struct QJLDecodeArgs {
+  DecodeArgs common;
+  const float* sketched;  // S q, (B, H, M, m) contiguous
+  const float* sketch_t;  // S^T, (D, m) contiguous
+  const uint8_t* outlier_idx;
+  int64_t outlier_idx_strides[2];
+  const uint8_t* signs;
+  int64_t signs_strides[2];
+  const void* norms;
+  int64_t norms_strides[2];
+  const uint8_t* outlier_signs;
+  int64_t outlier_signs_strides[2];
+  const void* outlier_norms;
+  int64_t outlier_norms_strides[2];
+  int64_t norm_type, group, sketch_dim, outlier_sketch_dim, outliers;
+  const uint8_t* value_codes;
+  int64_t value_codes_strides[3];
+  const void* value_scale;
+  const void* value_zero;
+  int64_t value_scale_strides[3];
+  int64_t value_scale_type, value_bits;
+};
+
 extern "C" {
 
 // Returns 1 when an outlier index is >= D (those channels read as channel 0), else 0.
 int kvpack_qjl_key_scores(const QJLKeyScoresArgs* a) {
-  return qjl_key_scores_impl(a->query, a->query_strides, a->sketched, a->sketch_t, a->outlier_idx,
-                             a->outlier_idx_strides, a->signs, a->signs_strides, a->norms, a->norms_strides,
-                             a->outlier_signs, a->outlier_signs_strides, a->outlier_norms, a->outlier_norms_strides,
-                             (int)a->norm_type, a->out, a->batch, a->heads, (int)a->rows, a->groups, (int)a->head_dim,
-                             (int)a->group, (int)a->sketch_dim, (int)a->outlier_sketch_dim, (int)a->outliers,
+  int bad = 0;
+  const QjlKeys keys{a->sketched, a->sketch_t, a->outlier_idx, a->outlier_idx_strides, a->signs, a->signs_strides,
+                     a->norms, a->norms_strides, a->outlier_signs, a->outlier_signs_strides, a->outlier_norms,
+                     a->outlier_norms_strides, (int)a->norm_type, a->heads, (int)a->rows, (int)a->head_dim,
+                     (int)a->group, (int)a->sketch_dim, (int)a->outlier_sketch_dim, (int)a->outliers, &bad, a->group};
+  return qjl_key_scores_impl(a->query, a->query_strides, keys, a->out, a->batch, (int)a->rows, a->groups,
                              (int)a->threads);
+}
+
+// Returns 1 when an outlier index is >= D (those channels read as channel 0), else 0.
+int kvpack_qjl_decode(const QJLDecodeArgs* a) {
+  int bad = 0;
+  const DecodeArgs& c = a->common;
+  const int D = (int)c.head_dim, G = (int)a->group;
+  const QjlKeys keys{a->sketched, a->sketch_t, a->outlier_idx, a->outlier_idx_strides, a->signs, a->signs_strides,
+                     a->norms, a->norms_strides, a->outlier_signs, a->outlier_signs_strides, a->outlier_norms,
+                     a->outlier_norms_strides, (int)a->norm_type, c.heads, (int)c.rows, D, G, (int)a->sketch_dim,
+                     (int)a->outlier_sketch_dim, (int)a->outliers, &bad, G};
+  const AffineValues values(a->value_codes, a->value_codes_strides, a->value_scale, a->value_zero,
+                            a->value_scale_strides, (int)a->value_scale_type, D, G, (int)a->value_bits);
+  decode_attention(c, keys, values);
+  return bad;
 }
 
 int kvpack_pack_signs(const PackSignsArgs* a) {

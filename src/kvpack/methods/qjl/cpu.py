@@ -6,8 +6,9 @@ import ctypes
 
 import torch
 
-from ...kernels import native
+from ...kernels import decode, native
 from ...kernels.checks import SCALE_TYPES, inner, not_cpu, same, scale_reason, small, tensors
+from ..kivi.cpu import affine_value_views, check_affine_values, check_rows
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -25,7 +26,18 @@ class PackSignsArgs(ctypes.Structure):
     _fields_ = [("x", _P), ("row_stride", _I), ("rows", _I), ("bits", _I), ("threads", _I), ("out", _P)]
 
 
+class QJLDecodeArgs(ctypes.Structure):
+    _fields_ = [("common", decode.DecodeArgs), ("sketched", _P), ("sketch_t", _P), ("outlier_idx", _P),
+                ("outlier_idx_strides", _I * 2), ("signs", _P), ("signs_strides", _I * 2), ("norms", _P),
+                ("norms_strides", _I * 2), ("outlier_signs", _P), ("outlier_signs_strides", _I * 2),
+                ("outlier_norms", _P), ("outlier_norms_strides", _I * 2), ("norm_type", _I), ("group", _I),
+                ("sketch_dim", _I), ("outlier_sketch_dim", _I), ("outliers", _I), ("value_codes", _P),
+                ("value_codes_strides", _I * 3), ("value_scale", _P), ("value_zero", _P),
+                ("value_scale_strides", _I * 3), ("value_scale_type", _I), ("value_bits", _I)]  # fmt: skip
+
+
 native.entry("kvpack_qjl_key_scores", QJLKeyScoresArgs)
+native.entry("kvpack_qjl_decode", QJLDecodeArgs)
 native.entry("kvpack_pack_signs", PackSignsArgs)
 
 
@@ -57,6 +69,50 @@ def check_qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs
     if signs.dtype != torch.uint8 or outlier_signs.dtype != torch.uint8:
         return f"sign dtypes {signs.dtype}/{outlier_signs.dtype} (expected uint8)"
     return scale_reason(norms, outlier_norms, "norm")
+
+
+def check_qjl_decode(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms, key_rows, key_fp,
+                     value_codes, value_scale, value_zero, value_rows, value_fp, mask, scale, value_bits,
+                     group_size) -> str | None:  # fmt: skip
+    keys = check_qjl_key_scores(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms)
+    batch, heads, _, dim = query.shape
+    check_rows("key_rows", key_rows, signs.shape[2])
+    if signs.shape[3] != group_size:
+        raise ValueError(f"signs hold groups of {signs.shape[3]} tokens, not group_size {group_size}")
+    values = check_affine_values(value_codes, value_scale, value_zero, value_rows, batch, heads, dim, value_bits,
+                                 group_size)  # fmt: skip
+    common, _ = decode.check(query, key_fp, value_fp, mask, scale, key_rows * group_size, value_rows)
+    return keys or values or common
+
+
+def qjl_decode_cpu(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms, key_rows, key_fp,
+                   value_codes, value_scale, value_zero, value_rows, value_fp, mask, scale, value_bits, group_size):  # fmt: skip
+    batch, heads, rows, dim = query.shape
+    m, m_o, k = signs.shape[-1] * 8, outlier_signs.shape[-1] * 8, outlier_idx.shape[-1]
+    m_o = m_o if k else 0
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    sketched = (query @ sketch.T).contiguous()  # (B, H, M, m) = S q
+    sketch_t = sketch.T.contiguous()
+    signs, norms = inner(signs, 3), inner(norms, 2)
+    idx = inner(outlier_idx, 2) if k else None
+    if m_o:
+        outlier_signs, outlier_norms = inner(outlier_signs, 3), inner(outlier_norms, 2)
+    value_codes, value_scale, value_zero = affine_value_views(value_codes, value_scale, value_zero)
+    tokens = value_rows + sum(v.shape[2] for v in value_fp)
+    out = torch.empty(batch, heads, rows, dim, dtype=torch.float32)
+    common, kept = decode.fields(query, key_fp, value_fp, mask, scale, key_rows * group_size, value_rows, tokens, out)
+    idx_fields = (idx.data_ptr(), *idx.stride()[:2]) if k else (0, 0, 0)
+    outlier_fields = ((outlier_signs.data_ptr(), *outlier_signs.stride()[:2], outlier_norms.data_ptr(),
+                       *outlier_norms.stride()[:2]) if m_o else (0,) * 6)  # fmt: skip
+    bad = native.call_flat("kvpack_qjl_decode", [
+        *common, sketched.data_ptr(), sketch_t.data_ptr(), *idx_fields, signs.data_ptr(), *signs.stride()[:2],
+        norms.data_ptr(), *norms.stride()[:2], *outlier_fields, SCALE_TYPES[norms.dtype], group_size, m, m_o, k,
+        value_codes.data_ptr(), *value_codes.stride()[:3], value_scale.data_ptr(), value_zero.data_ptr(),
+        *value_scale.stride()[:3], SCALE_TYPES[value_scale.dtype], value_bits])  # fmt: skip
+    if bad:
+        raise ValueError(f"outlier_idx holds channel indices outside [0, {dim}) (head_dim)")
+    return out
 
 
 def check_pack_signs(x) -> str | None:

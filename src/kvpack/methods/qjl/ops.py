@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels import Kernel
+from ...kernels import Kernel, decode
+from ..kivi.ops import value_weighted_sum
 from . import cpu, reference
 
-__all__ = ["pack_signs", "qjl_key_scores"]
+__all__ = ["pack_signs", "qjl_decode", "qjl_key_scores"]
 
 
 def _scores_fake(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms):
@@ -27,3 +28,27 @@ qjl_key_scores = Kernel(
 )  # fmt: skip
 pack_signs = Kernel("pack_signs", "(Tensor x) -> Tensor", reference.pack_signs, _signs_fake, cpu.check_pack_signs,
                     cpu.pack_signs_cpu)  # fmt: skip
+
+
+def _qjl_decode(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier_norms, key_rows, key_fp, value_codes,
+                value_scale, value_zero, value_rows, value_fp, mask, scale, value_bits, group_size):  # fmt: skip
+    """The decode step composed of QJL's key-score op and KIVI's value op (fast or reference per policy)."""
+    keys = [x[:, :, :key_rows] for x in (outlier_idx, signs, norms, outlier_signs, outlier_norms)]
+    vc, vs, vz = (x[:, :, :value_rows] for x in (value_codes, value_scale, value_zero))
+    scores = (lambda q: qjl_key_scores(q, sketch, *keys)) if key_rows else None
+    return decode.reference(query, scores, key_fp, lambda w: value_weighted_sum(w, vc, vs, vz, value_bits, group_size),
+                            value_rows, value_fp, mask, scale)  # fmt: skip
+
+
+def _decode_fake(query, *args):
+    return torch.empty_like(query, dtype=torch.float32)
+
+
+qjl_decode = Kernel(
+    "qjl_decode",
+    "(Tensor query, Tensor sketch, Tensor outlier_idx, Tensor signs, Tensor norms, Tensor outlier_signs, "
+    "Tensor outlier_norms, int key_rows, Tensor[] key_fp, Tensor value_codes, Tensor value_scale, "
+    "Tensor value_zero, int value_rows, Tensor[] value_fp, Tensor? mask, float scale, int value_bits, "
+    "int group_size) -> Tensor",
+    _qjl_decode, _decode_fake, cpu.check_qjl_decode, cpu.qjl_decode_cpu,
+)  # fmt: skip

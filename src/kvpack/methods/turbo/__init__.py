@@ -242,9 +242,21 @@ class TurboValueFormat(_Rotated):
 class TurboLayer(CompressedLayer):
     """One layer's rotated-codebook store; the rotations are built at the first append (head_dim known)."""
 
+    decode_op = ops.turbo_decode
+
     def formats(self):
         config = self.config
         scale_dtype = SCALE_DTYPES[config.scale_dtype]
         # keys and values get independent rotations (the value rotation uses the next seed)
         keys = TurboKeyFormat(config.key_bits, config.seed, self.layer_idx, scale_dtype, config.group_size)
         return keys, TurboValueFormat(config.value_bits, config.seed + 1, self.layer_idx, scale_dtype)
+
+    def _decode_args(self, query, mask, scale):
+        n_keys, k, key_fp = self._rows(self.keys)
+        n_values, v, value_fp = self._rows(self.values)
+        keys, values = self.keys.format.codec, self.values.format.codec
+        keys.to(query.device)
+        values.to(query.device)
+        return (query, k["codes"], k["scale"], keys.rotation, keys.codebook, n_keys, key_fp,
+                v["codes"], v["scale"], values.rotation, values.codebook, n_values, value_fp, mask,
+                scale, keys.bits, values.bits)  # fmt: skip

@@ -1,6 +1,6 @@
 // Turbo's (rotated codebook) fused CPU kernels: key scores by per-query lookup tables over packed bytes,
-// and the value weighted sum with codebook permutes, both in the rotated basis.
-#include "kvpack.h"
+// and the value weighted sum with codebook permutes, both in the rotated basis, and the fused decode step.
+#include "decode.h"
 
 namespace kvpack {
 namespace {
@@ -336,6 +336,99 @@ void turbo_weighted_sum_impl(const float* w, const int64_t* w_s, const uint8_t* 
 }
 
 
+// Turbo's decode policies (decode.h). Keys: codes (B, H, T, D * bits / 8) with strides codes_s[3] (last
+// contiguous), scale (B, H, T) with strides scale_s[3]; each item rotates its query rows once (q R^T,
+// rotation (D, D) row-major) and scores them by the lookup tables above.
+struct TurboKeys {
+  const uint8_t* codes;
+  const int64_t* codes_s;
+  const void* scale;
+  const int64_t* scale_s;
+  int scale_type;
+  const float* codebook;
+  const float* rotation;
+  int D, bits;
+  int64_t unit;
+
+  struct Scratch {
+    std::vector<float> rotated;     // (M, D)
+    std::unique_ptr<float[]> table;  // the largest row chunk's table (8 rows)
+    Scratch(const TurboKeys& keys, int M, int D)
+        : rotated((size_t)M * D), table(new float[(size_t)(D * keys.bits / 8) * 256 * 8]) {}
+  };
+
+  void scores(int64_t b, int64_t h, const float* q, int64_t q_row, int M, int64_t t0, int64_t t1, float* out,
+              int64_t out_row, Scratch& scratch) const {
+    float* qr = scratch.rotated.data();
+    for (int r = 0; r < M; ++r)
+      for (int d = 0; d < D; ++d) qr[r * D + d] = dot(rotation + (int64_t)d * D, q + r * q_row, D);
+    const int esize = scale_type == kF32 ? 4 : 2;
+    const uint8_t* cb = codes + b * codes_s[0] + h * codes_s[1] + t0 * codes_s[2];
+    const char* sc = static_cast<const char*>(scale) + (b * scale_s[0] + h * scale_s[1] + t0 * scale_s[2]) * esize;
+    const int wide = M > 4 ? (M - 4 + 7) / 8 : 0;  // row chunks as in turbo_key_scores_impl
+    for (int r0 = 0, chunk = 0; r0 < M; r0 += chunk < wide ? 8 : 4, ++chunk) {
+      const int rows = std::min(M - r0, chunk < wide ? 8 : 4);
+      const auto chunk_scores = chunk < wide ? turbo_key_chunk<8> : turbo_key_chunk<4>;
+      chunk_scores(qr + r0 * D, D, rows, D, bits, codebook, cb, codes_s[2], sc, scale_s[2], scale_type, 0, t1 - t0,
+                   out + r0 * out_row, out_row, scratch.table.get());
+    }
+  }
+};
+
+// Values: codes (B, H, T, D * bits / 8), scale (B, H, T) as for keys. The packed part is summed in the
+// rotated basis and rotated back once per row at the end (finish: out = packed R + fp).
+struct TurboValues {
+  static constexpr bool kRotated = true;
+  const uint8_t* codes;
+  const int64_t* codes_s;
+  const void* scale;
+  const int64_t* scale_s;
+  int scale_type;
+  const float* codebook;
+  const float* rotation;
+  int D, bits;
+
+  struct Scratch {
+    std::vector<float> ws, sums;  // folded weights w * s_t (M, segment); block sums (M, D)
+    Scratch(const TurboValues&, int M, int D) : sums((size_t)M * D) {}
+  };
+
+  void accumulate(int64_t b, int64_t h, const float* w, int64_t w_row, int M, int64_t t0, int64_t t1, float* out,
+                  int64_t out_row, Scratch& scratch) const {
+    const int esize = scale_type == kF32 ? 4 : 2;
+    const int64_t count = t1 - t0;
+    const char* sc = static_cast<const char*>(scale) + (b * scale_s[0] + h * scale_s[1]) * esize;
+    scratch.ws.resize((size_t)M * count);
+    for (int64_t i = 0; i < count; ++i) {
+      const float s = load_scale(sc, (t0 + i) * scale_s[2], scale_type);
+      for (int r = 0; r < M; ++r) scratch.ws[r * count + i] = w[r * w_row + i] * s;
+    }
+    const TurboValueArgs args{count, codes + b * codes_s[0] + h * codes_s[1] + t0 * codes_s[2], codes_s[2],
+                              D * bits / 8, codebook, scratch.ws.data(), count, scratch.sums.data(), D};
+    switch (bits) {
+      case 1: turbo_value_item<1>(args, M); break;
+      case 2: turbo_value_item<2>(args, M); break;
+      case 4: turbo_value_item<4>(args, M); break;
+      default: turbo_value_item<8>(args, M); break;
+    }
+    const float* sums = scratch.sums.data();
+    for (int r = 0; r < M; ++r)
+      for (int d = 0; d < D; ++d) out[r * out_row + d] += sums[r * D + d];
+  }
+
+  void finish(const float* packed, const float* fp, int M, int D_, float* out) const {
+    for (int r = 0; r < M; ++r) {
+      float* o = out + (int64_t)r * D_;
+      std::copy(fp + (int64_t)r * D_, fp + (int64_t)(r + 1) * D_, o);
+      for (int d = 0; d < D_; ++d) {
+        const float x = packed[r * D_ + d];
+        const float* row = rotation + (int64_t)d * D_;
+        for (int e = 0; e < D_; ++e) o[e] += x * row[e];
+      }
+    }
+  }
+};
+
 }  // namespace
 }  // namespace kvpack
 
@@ -356,7 +449,34 @@ struct TurboArgs {
   float* out;
 };
 
+struct TurboDecodeArgs {
+  DecodeArgs common;
+  const uint8_t* key_codes;
+  int64_t key_codes_strides[3];
+  const void* key_scale;
+  int64_t key_scale_strides[3];
+  const float* key_codebook;
+  const float* key_rotation;
+  const uint8_t* value_codes;
+  int64_t value_codes_strides[3];
+  const void* value_scale;
+  int64_t value_scale_strides[3];
+  const float* value_codebook;
+  const float* value_rotation;
+  int64_t scale_type, key_bits, value_bits;
+};
+
 extern "C" {
+
+int kvpack_turbo_decode(const TurboDecodeArgs* a) {
+  const int D = (int)a->common.head_dim, type = (int)a->scale_type;
+  const TurboKeys keys{a->key_codes, a->key_codes_strides, a->key_scale, a->key_scale_strides, type,
+                       a->key_codebook, a->key_rotation, D, (int)a->key_bits, 1};
+  const TurboValues values{a->value_codes, a->value_codes_strides, a->value_scale, a->value_scale_strides, type,
+                           a->value_codebook, a->value_rotation, D, (int)a->value_bits};
+  decode_attention(a->common, keys, values);
+  return 0;
+}
 
 int kvpack_turbo_key_scores(const TurboArgs* a) {
   turbo_key_scores_impl(a->rows_in, a->rows_strides, a->codes, a->codes_strides, a->scale, a->scale_strides,

@@ -6,8 +6,9 @@ import ctypes
 
 import torch
 
-from ...kernels import native
-from ...kernels.checks import SCALE_TYPES, bits_in, codes_reason, inner, not_cpu, small, tensor
+from ...kernels import decode, native
+from ...kernels.checks import SCALE_TYPES, bits_in, codes_reason, inner, inner_contiguous, not_cpu, small, tensor
+from ..kivi.cpu import check_rows
 
 _BITS = (1, 2, 4, 8)
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -19,7 +20,16 @@ class TurboArgs(ctypes.Structure):
                 ("rows", _I), ("tokens", _I), ("head_dim", _I), ("bits", _I), ("threads", _I), ("out", _P)]  # fmt: skip
 
 
+class TurboDecodeArgs(ctypes.Structure):
+    _fields_ = [("common", decode.DecodeArgs), ("key_codes", _P), ("key_codes_strides", _I * 3), ("key_scale", _P),
+                ("key_scale_strides", _I * 3), ("key_codebook", _P), ("key_rotation", _P), ("value_codes", _P),
+                ("value_codes_strides", _I * 3), ("value_scale", _P), ("value_scale_strides", _I * 3),
+                ("value_codebook", _P), ("value_rotation", _P), ("scale_type", _I), ("key_bits", _I),
+                ("value_bits", _I)]  # fmt: skip
+
+
 native.entry("kvpack_turbo_key_scores", TurboArgs)
+native.entry("kvpack_turbo_decode", TurboDecodeArgs)
 native.entry("kvpack_turbo_weighted_sum", TurboArgs)
 
 
@@ -88,3 +98,70 @@ def turbo_weighted_sum_cpu(weights, codes, scale, codebook, bits):
     if tokens == 0 or out.numel() == 0:
         return out.zero_()
     return _run("kvpack_turbo_weighted_sum", weights, codes, scale, codebook, bits, tokens, dim, out)
+
+
+def _check_side(side: str, codes, scale, rotation, codebook, bits, batch, heads, dim, per_row: int) -> str | None:
+    """One side's rows: codes (B, H, N, [G,] D * bits / 8) uint8, scale (B, H, N[, G]), rotation (D, D),
+    codebook (2^bits,) float32; ``per_row`` tokens per row (G for keys, 1 for values)."""
+    rank = 5 if per_row > 1 else 4
+    tensor(f"{side}_codes", codes, rank)
+    tensor(f"{side}_scale", scale, rank - 1)
+    tensor(f"{side}_rotation", rotation, 2)
+    tensor(f"{side}_codebook", codebook, 1)
+    bits_in(bits, _BITS)
+    n = codes.shape[2]
+    want = (batch, heads, n, *((per_row,) if per_row > 1 else ()))
+    if dim * bits % 8 or codes.shape != (*want, dim * bits // 8) or scale.shape != want:
+        raise ValueError(f"{side} codes {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit {want} rows of "
+                         f"{dim} channels at {bits} bits")  # fmt: skip
+    if rotation.shape != (dim, dim) or codebook.shape != (2**bits,):
+        raise ValueError(f"{side} rotation {tuple(rotation.shape)} / codebook {tuple(codebook.shape)} must be "
+                         f"({dim}, {dim}) / ({2**bits},)")  # fmt: skip
+    if reason := not_cpu(codes, scale, rotation, codebook) or codes_reason(codes):
+        return reason
+    if scale.dtype not in SCALE_TYPES:
+        return f"{side} scale dtype {scale.dtype} (fast kernels take float32, float16, bfloat16)"
+    if rotation.dtype != torch.float32 or codebook.dtype != torch.float32:
+        return f"{side} rotation/codebook dtypes {rotation.dtype}/{codebook.dtype} (expected float32)"
+    return None
+
+
+def check_turbo_decode(query, key_codes, key_scale, key_rotation, key_codebook, key_rows, key_fp, value_codes,
+                       value_scale, value_rotation, value_codebook, value_rows, value_fp, mask, scale, key_bits,
+                       value_bits) -> str | None:  # fmt: skip
+    tensor("query", query, 4)
+    batch, heads, _, dim = query.shape
+    group = key_codes.shape[3] if key_codes.dim() == 5 else 0
+    keys = _check_side("key", key_codes, key_scale, key_rotation, key_codebook, key_bits, batch, heads, dim, group)
+    values = _check_side("value", value_codes, value_scale, value_rotation, value_codebook, value_bits, batch, heads,
+                         dim, 1)  # fmt: skip
+    check_rows("key_rows", key_rows, key_codes.shape[2])
+    check_rows("value_rows", value_rows, value_codes.shape[2])
+    common, _ = decode.check(query, key_fp, value_fp, mask, scale, key_rows * group, value_rows)
+    if key_scale.dtype != value_scale.dtype:
+        return f"key and value scale dtypes differ ({key_scale.dtype}, {value_scale.dtype})"
+    return keys or values or common
+
+
+def turbo_decode_cpu(query, key_codes, key_scale, key_rotation, key_codebook, key_rows, key_fp, value_codes,
+                     value_scale, value_rotation, value_codebook, value_rows, value_fp, mask, scale, key_bits,
+                     value_bits):  # fmt: skip
+    batch, heads, rows, dim = query.shape
+    group = key_codes.shape[3]
+    if not inner_contiguous(key_codes, 3):
+        key_codes = key_codes.contiguous()
+    if not inner_contiguous(key_scale, 2):
+        key_scale = key_scale.contiguous()
+    value_codes = inner(value_codes, 1)
+    key_rotation, key_codebook, value_rotation, value_codebook = (
+        x.contiguous() for x in (key_rotation, key_codebook, value_rotation, value_codebook))  # fmt: skip
+    tokens = value_rows + sum(v.shape[2] for v in value_fp)
+    out = torch.empty(batch, heads, rows, dim, dtype=torch.float32)
+    common, kept = decode.fields(query, key_fp, value_fp, mask, scale, key_rows * group, value_rows, tokens, out)
+    ks, kss = key_codes.stride(), key_scale.stride()  # token strides: a group's G rows, then the next group's
+    native.call_flat("kvpack_turbo_decode", [
+        *common, key_codes.data_ptr(), ks[0], ks[1], ks[3], key_scale.data_ptr(), kss[0], kss[1], kss[3],
+        key_codebook.data_ptr(), key_rotation.data_ptr(), value_codes.data_ptr(), *value_codes.stride()[:3],
+        value_scale.data_ptr(), *value_scale.stride()[:3], value_codebook.data_ptr(), value_rotation.data_ptr(),
+        SCALE_TYPES[key_scale.dtype], key_bits, value_bits])  # fmt: skip
+    return out
