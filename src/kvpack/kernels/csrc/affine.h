@@ -90,9 +90,84 @@ inline void block_dot_pass(const BlockArgs& a) {
   if constexpr (P0 + S < P) block_dot_pass<BITS, CH, ROWS, P0 + S>(a);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// AVX-512 (16 lanes, 32 registers): all PER bit planes in one pass. NB == 16: one iteration's bytes fill
+// the vector. NB == 8: two consecutive iterations share it (lanes 0-7: i, 8-15: i + 1, with their scales,
+// zeros and weights in the matching halves), and the halves, which hold the same elements, are added at the
+// store. Lane l of plane s is element (l % NB) * PER + s.
+inline __m512 halves(float lo, float hi) {
+  return _mm512_mask_broadcastss_ps(_mm512_set1_ps(lo), 0xFF00, _mm_set_ss(hi));
+}
+
+template <int BITS, int CH, int ROWS>
+inline void block_dot_512(const BlockArgs& a) {
+  constexpr int PER = 8 / BITS, NB = CH / PER, MASK = (1 << BITS) - 1;
+  constexpr bool PAIRS = NB == 8;
+  __m512 acc[ROWS][PER];
+  for (int r = 0; r < ROWS; ++r)
+    for (int s = 0; s < PER; ++s) acc[r][s] = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi32(MASK);
+  const int64_t count = a.count, byte_stride = a.byte_stride, sz_stride = a.sz_stride, w_i = a.w_i, w_r = a.w_r;
+  const float* w = a.w;
+  auto plane_sums = [&](__m128i raw, __m512 scale, __m512 zero, const __m512* wr) {
+    const __m512i x = _mm512_cvtepu8_epi32(raw);
+    for (int s = 0; s < PER; ++s) {
+      const __m512i c = BITS == 8 ? x : _mm512_and_si512(_mm512_srli_epi32(x, s * BITS), mask);
+      const __m512 value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), scale, zero);
+      for (int r = 0; r < ROWS; ++r) acc[r][s] = _mm512_fmadd_ps(wr[r], value, acc[r][s]);
+    }
+  };
+  int64_t i = 0;
+  const uint8_t* bytes = a.bytes;
+  int64_t sz = a.sz_offset;
+  if constexpr (PAIRS) {
+    for (; i + 2 <= count; i += 2, bytes += 2 * byte_stride, sz += 2 * sz_stride) {
+      const __m128i raw = _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)),
+                                             _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + byte_stride)));
+      const __m512 scale = halves(load_scale(a.scale, sz, a.scale_type), load_scale(a.scale, sz + sz_stride, a.scale_type));
+      const __m512 zero = halves(load_scale(a.zero, sz, a.scale_type), load_scale(a.zero, sz + sz_stride, a.scale_type));
+      __m512 wr[ROWS];
+      for (int r = 0; r < ROWS; ++r) wr[r] = halves(w[i * w_i + r * w_r], w[(i + 1) * w_i + r * w_r]);
+      plane_sums(raw, scale, zero, wr);
+    }
+    if (i < count) {  // an odd count: the last iteration in the low half, weight 0 in the high half
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+      const __m512 scale = halves(load_scale(a.scale, sz, a.scale_type), 0.f);
+      const __m512 zero = halves(load_scale(a.zero, sz, a.scale_type), 0.f);
+      __m512 wr[ROWS];
+      for (int r = 0; r < ROWS; ++r) wr[r] = halves(w[i * w_i + r * w_r], 0.f);
+      plane_sums(raw, scale, zero, wr);
+    }
+  } else {
+    for (; i < count; ++i, bytes += byte_stride, sz += sz_stride) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+      const __m512 scale = _mm512_set1_ps(load_scale(a.scale, sz, a.scale_type));
+      const __m512 zero = _mm512_set1_ps(load_scale(a.zero, sz, a.scale_type));
+      __m512 wr[ROWS];
+      for (int r = 0; r < ROWS; ++r) wr[r] = _mm512_set1_ps(w[i * w_i + r * w_r]);
+      plane_sums(raw, scale, zero, wr);
+    }
+  }
+  alignas(64) float tmp[16];
+  for (int r = 0; r < ROWS; ++r)
+    for (int s = 0; s < PER; ++s) {
+      _mm512_store_ps(tmp, acc[r][s]);
+      float* out = a.out + r * a.out_row + s;
+      if constexpr (PAIRS)
+        for (int l = 0; l < 8; ++l) out[l * PER] = tmp[l] + tmp[l + 8];
+      else
+        for (int l = 0; l < 16; ++l) out[l * PER] = tmp[l];
+    }
+}
+#endif
+
 template <int BITS, int CH, int ROWS>
 inline void block_dot(const BlockArgs& a) {
-  if constexpr ((CH / (8 / BITS)) % 8 == 0)
+  constexpr int NB = CH / (8 / BITS);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if constexpr (NB == 8 || NB == 16) return block_dot_512<BITS, CH, ROWS>(a);
+#endif
+  if constexpr (NB % 8 == 0)
     block_dot_pass<BITS, CH, ROWS, 0>(a);
   else
     block_dot_scalar<BITS, CH, ROWS>(a);
