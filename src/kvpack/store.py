@@ -26,7 +26,7 @@ import torch
 
 from .config import SCALE_DTYPES, MethodConfig
 from .errors import CacheFileError
-from .kernels import decode
+from .kernels import decode, tokens
 
 __all__ = ["BlockFlush", "CompressedLayer", "Format", "GrowBuffer", "Store", "WindowFlush"]
 
@@ -35,6 +35,8 @@ _GROWTH = 1.5
 #: runs torch's fused SDPA: the dequantization is O(T) against the O(T_q * T) attention, and SDPA never
 #: builds the (T_q, T) score matrix. Decode (1 row) and short speculative drafts read the packed codes.
 SDPA_MIN_QUERIES = 16
+#: Appends of at most this many tokens (decode steps) are checked and written by one C++ call.
+APPEND_FAST_TOKENS = 64
 
 
 class GrowBuffer:
@@ -54,7 +56,20 @@ class GrowBuffer:
         return self.data[:, :, self.start : self.start + self.length]
 
     def append(self, x: torch.Tensor) -> None:
-        n = x.shape[2]
+        end = self.reserve(x, x.shape[2])
+        self.data[:, :, end : end + x.shape[2]] = x
+        self.length += x.shape[2]
+
+    def free_slot(self, n: int) -> int | None:
+        """The index where ``n`` more slots go if they fit without moving anything, else None."""
+        if self.data is None:
+            return None
+        end = self.start + self.length
+        return end if end + n <= self.data.shape[2] else None
+
+    def reserve(self, x: torch.Tensor, n: int) -> int:
+        """Make room for ``n`` more slots shaped like ``x``'s (allocating on first use) and return the index
+        of the first; the caller writes them and adds ``n`` to :attr:`length`. Live slots keep their values."""
         if self.data is None:
             capacity = max(n, 16)
             self.data = x.new_empty(x.shape[:2] + (capacity,) + x.shape[3:])
@@ -70,8 +85,7 @@ class GrowBuffer:
                 self.data = grown
             self.start = 0
             end = self.length
-        self.data[:, :, end : end + n] = x
-        self.length += n
+        return end
 
     def drop_front(self, n: int, keep_capacity: int | None = None) -> tuple[torch.Tensor, int] | None:
         """Drop the ``n`` oldest slots.
@@ -237,6 +251,12 @@ class Store:
         self.pending = None
         before = self.fp.length
         self.fp.append(x)
+        self.flush(before)
+
+    def flush(self, before: int) -> None:
+        """The rest of :meth:`append` once the fp part has grown from ``before`` tokens (written by the caller
+        through ``fp.reserve``): quantize what the policy flushes, keep what :meth:`undo_append` needs."""
+        self.pending = None
         n_flush = self.policy.count(self.fp.length)
         replaced = None
         if n_flush:
@@ -457,6 +477,8 @@ class CompressedLayer:
             raise TypeError(f"append expects dtype {self._dtype} as before, got {keys.dtype}")
         if self._shape is None:
             self.config.check_head_dim(dim)
+
+    def _check_finite(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if self.config.check_finite:
             for name, x in (("keys", keys), ("values", values)):
                 bad = int((~torch.isfinite(x)).sum())
@@ -484,16 +506,52 @@ class CompressedLayer:
             self._shape = (keys.shape[0], keys.shape[1], keys.shape[3])
             self._dtype, self._device = keys.dtype, keys.device
         try:
-            self.keys.append(keys)  # a failing store leaves itself unchanged
-            try:
-                self.values.append(values)
-            except Exception:
-                self.keys.undo_append()  # keys and values stay in step: nothing of this call is stored
-                raise
+            if not self._append_fast(keys, values):
+                self._check_finite(keys, values)
+                self.keys.append(keys)  # a failing store leaves itself unchanged
+                try:
+                    self.values.append(values)
+                except Exception:
+                    self.keys.undo_append()  # keys and values stay in step: nothing of this call is stored
+                    raise
         except Exception:
             if first:
                 self._shape = self._dtype = self._device = None
             raise
+
+    def _append_fast(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """:meth:`append` with the finite check and both fp writes in one C++ call (kernels.tokens), for
+        appends of at most ``APPEND_FAST_TOKENS`` tokens that fit the fp buffers' free slots as they are
+        (nothing moves before the check, so a refused append leaves every view valid); False (nothing done)
+        where it cannot run."""
+        n = keys.shape[2]
+        if n > APPEND_FAST_TOKENS:
+            return False
+        key_fp, value_fp = self.keys.fp, self.values.fp
+        key_end, value_end = key_fp.free_slot(n), value_fp.free_slot(n)
+        if key_end is None or value_end is None:  # growth or compaction first: the torch path
+            return False
+        bad = tokens.append_tokens(keys, values, key_fp.data, key_end, value_fp.data, value_end,
+                                   self.config.check_finite)  # fmt: skip
+        if bad is None:
+            return False
+        if bad != (0, 0):
+            name, count = ("keys", bad[0]) if bad[0] else ("values", bad[1])
+            raise ValueError(f"{name} contain {count} NaN/Inf values; nothing was stored")
+        keys_before, values_before = key_fp.length, value_fp.length
+        key_fp.length += n
+        value_fp.length += n
+        try:
+            self.keys.flush(keys_before)
+        except Exception:
+            value_fp.truncate(values_before)
+            raise
+        try:
+            self.values.flush(values_before)
+        except Exception:
+            self.keys.undo_append()
+            raise
+        return True
 
     @property
     def num_tokens(self) -> int:
