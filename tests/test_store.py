@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import kvpack
+from kvpack import KIVIConfig, make_layer
+from kvpack.kernels import tokens
 
 from conftest import make_kv
 
@@ -153,3 +155,56 @@ def test_public_shape_properties(method):
     layer.append(*make_kv(batch=2, heads=3, tokens=5))
     assert layer.shape == (2, 3, 64) and layer.batch_size == 2 and layer.head_dim == 64
     assert layer.dtype == torch.float32
+
+
+# --- the one-call append of decode steps (kvpack.kernels.tokens) ---------------------------------------------
+def _states(layer):
+    tensors, metadata = layer.state_dict()
+    return {name: t.clone() for name, t in tensors.items()}, metadata
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
+def test_the_one_call_append_stores_what_the_torch_path_stores(dtype, monkeypatch):
+    from kvpack.kernels import native
+
+    if native.available():
+        pytest.skip(f"no fast kernels here: {native.available()}")
+    keys, values = make_kv(batch=2, tokens=300, dtype=dtype)
+    layers = {}
+    calls = []
+    real = tokens.append_tokens
+    monkeypatch.setattr(tokens, "append_tokens", lambda *a: calls.append(1) or real(*a))
+    for path in ("one call", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(tokens, "append_tokens", lambda *a: None)
+        layer = make_layer(KIVIConfig(residual_length=32))
+        layer.append(keys[:, :, :100], values[:, :, :100])
+        for t in range(100, 300):
+            layer.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+        layers[path] = _states(layer)
+    assert len(calls) > 150  # most decode steps fit the free slots
+    (want, want_meta), (got, got_meta) = layers["torch"], layers["one call"]
+    assert want.keys() == got.keys() and want_meta == got_meta
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("side", ("keys", "values"))
+def test_a_refused_one_call_append_changes_nothing_attention_reads(side):
+    layer = make_layer(KIVIConfig(residual_length=32))
+    keys, values = make_kv(batch=1, tokens=64)
+    layer.append(keys[:, :, :63], values[:, :, :63])
+    layer.append(keys[:, :, 63:], values[:, :, 63:])  # flushes a key block: a pending view is live
+    assert layer.keys.pending is not None
+    query = torch.randn(1, 6, 1, 64)
+    before, out_before = _states(layer), layer.attend(query)
+    bad = torch.randn(1, 3, 1, 64)
+    bad[0, 1, 0, 5] = float("nan")
+    new = {"keys": bad, "values": torch.randn(1, 3, 1, 64)}
+    if side == "values":
+        new = {"keys": torch.randn(1, 3, 1, 64), "values": bad}
+    with pytest.raises(ValueError, match=f"{side} contain 1 NaN/Inf values; nothing was stored"):
+        layer.append(new["keys"], new["values"])
+    after = _states(layer)
+    assert before[1] == after[1] and all(torch.equal(before[0][n], after[0][n]) for n in before[0])
+    assert torch.equal(layer.attend(query), out_before)

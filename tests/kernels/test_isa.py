@@ -3,7 +3,8 @@
 The library is built for this CPU (-march=native) by default; ``KVPACK_CPU_ISA`` forces one of the levels
 of kvpack.kernels.native.ISA_LEVELS (avx512, avx2, scalar) that the CPU reports. Each level runs a subset of tests/kernels/
 test_kernels.py in a child process (the level is chosen at load time, once per process): every kernel's
-parallel and remainder paths against the reference (2x its error), quantize/pack bit for bit.
+parallel and remainder paths against the reference (2x its error), the fused decode step (float32 stores),
+quantize/pack bit for bit.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from kvpack.machine import cpu_flags
 HERE = Path(__file__).resolve().parent
 SUBSET = (
     "ops_pass or (quantize_pack_is_bit_exact and float16 and float32) or pack_signs_is_bit_exact or "
-    "parallel_paths_match or (qjl_key_scores_matches and 64-default) or layer_attend_fast_matches"
+    "parallel_paths_match or (qjl_key_scores_matches and 64-default) or layer_attend_fast_matches or "
+    "(decode_step and f32)"
 )
 pytestmark = [pytest.mark.build, pytest.mark.slow]
 

@@ -405,6 +405,137 @@ def check_attend_fast_matches_reference(config, q_heads, batch=2, check_every=11
     assert flushes >= 1
 
 
+# --- the fused decode step (one C++ call per layer: kernels/csrc/decode.h) --------------------------------
+DECODE_CONFIGS = [
+    KIVIConfig(residual_length=32),
+    KIVIConfig(key_bits=4, value_bits=8, group_size=16, residual_length=32, scale_dtype="bfloat16"),
+    QJLConfig(residual_length=32),
+    QJLConfig(outlier_channels=0, residual_length=32, scale_dtype="float32"),
+    TurboConfig(residual_length=32),
+    TurboConfig(key_bits=4, value_bits=1, group_size=16, residual_length=32),
+]
+DECODE_IDS = ("kivi2", "kivi4-8-g16-bf16", "qjl", "qjl-plain-f32", "turbo", "turbo4-1-g16")
+
+
+def exact_attention(layer, query, mask, scale):
+    """float64 attention over what the step reads (layer.materialize), GQA, an additive or bool mask."""
+    keys, values = (x.double() for x in layer.materialize())
+    rep = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+    scores = query.double() @ keys.transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    return (torch.softmax(scores, -1).nan_to_num(0.0) @ values).float()
+
+
+def decode_layer(config, batch, tokens, dtype=torch.float32, steps=3, seed=0):
+    """A layer after a ``tokens``-token prompt and ``steps`` decode appends (the last may leave a pending flush)."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = make_layer(config)
+    layer.append(*(torch.randn(batch, 3, tokens, 64, generator=gen).to(dtype) for _ in range(2)))
+    for _ in range(steps):
+        layer.append(*(torch.randn(batch, 3, 1, 64, generator=gen).to(dtype) for _ in range(2)))
+    return layer
+
+
+@pytest.mark.parametrize("config", DECODE_CONFIGS, ids=DECODE_IDS)
+@pytest.mark.parametrize("store_dtype", (torch.float32, torch.bfloat16), ids=("f32", "bf16"))
+@pytest.mark.parametrize("queries", (1, 3))
+@pytest.mark.parametrize("masked", (False, True), ids=("nomask", "padding"))
+def test_decode_step_matches_the_reference(config, store_dtype, queries, masked):
+    """Batched, GQA (9 query heads), with and without a padding mask, one or several queries (causal tail):
+    the fused step within 2x the reference's error versus float64; packed rows, a pending flush and fp
+    tokens of the model dtype all read."""
+    layer = decode_layer(config, batch=2, tokens=100 - queries, dtype=store_dtype, steps=queries + 1)
+    total = layer.num_tokens
+    gen = torch.Generator().manual_seed(1)
+    query = torch.randn(2, 9, queries, 64, generator=gen)
+    mask = None
+    if masked:  # row 1 is left-padded by 7 tokens; the queries are causal among themselves
+        mask = torch.ones(2, 1, queries, total, dtype=torch.bool).tril(total - queries)
+        mask[1, ..., :7] = False
+    causal = torch.ones(queries, total, dtype=torch.bool).tril(total - queries)
+    with kernels.use("reference"):
+        want = layer.attend(query, attention_mask=mask)
+    with kernels.use("fast"):
+        got = layer.attend(query, attention_mask=mask)
+    exact = exact_attention(layer, query, mask if masked else (causal if queries > 1 else None), 64**-0.5)
+    assert_close_to_exact(got, want, exact.double())
+
+
+@pytest.mark.parametrize("config", DECODE_CONFIGS[::2], ids=DECODE_IDS[::2])
+def test_decode_step_token_segments_and_threads_match_the_reference(config):
+    """Batch 1 over 3000 tokens with 2 threads: the token axis is split into segments whose softmax maxima
+    are merged (flash-decoding); the result is within 2x the reference's error, as with one thread."""
+    layer = decode_layer(config, batch=1, tokens=3000)
+    query = torch.randn(1, 9, 1, 64, generator=torch.Generator().manual_seed(2))
+    with kernels.use("reference"):
+        want = layer.attend(query)
+    exact = exact_attention(layer, query, None, 64**-0.5).double()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with kernels.use("fast"):
+                assert_close_to_exact(layer.attend(query), want, exact)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_decode_step_rows_with_nothing_to_attend_to_are_zero_and_poisoned_rows_nan():
+    layer = decode_layer(KIVIConfig(residual_length=32), batch=2, tokens=60)
+    query = torch.randn(2, 9, 1, 64)
+    mask = torch.ones(2, 1, 1, layer.num_tokens, dtype=torch.bool)
+    mask[0] = False  # batch row 0 attends to nothing
+    with kernels.use("fast"):
+        out = layer.attend(query, attention_mask=mask)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isfinite(out[1]).all()
+    layer.keys.fp.view()[1, 0, -1] = float("inf")  # a forged key: q.k overflows for batch 1, head 0
+    for backend in ("fast", "reference"):
+        with kernels.use(backend):
+            out = layer.attend(query)
+        assert out[1, :3].isnan().all() and torch.isfinite(out[0]).all() and torch.isfinite(out[1, 3:]).all()
+
+
+def decode_op_cases():
+    """(name, mutate(args) -> args, error type or None for a reason to run the reference) for kivi_decode."""
+
+    def at(i, value):
+        return lambda a: [*a[:i], value(a[i]) if callable(value) else value, *a[i + 1 :]]
+
+    return [
+        ("key rows past capacity", at(4, lambda n: 10**6), ValueError),
+        ("negative value rows", at(9, -1), ValueError),
+        ("float row count", at(4, lambda n: float(n)), ValueError),
+        ("mask of another shape", at(11, lambda m: m[..., :-1]), ValueError),
+        ("bool mask", at(11, lambda m: m == 0), TypeError),
+        ("three fp chunks", at(5, lambda fp: [*fp, fp[-1], fp[-1]]), TypeError),
+        ("fp chunk of another head_dim", at(10, lambda fp: [x[..., :32] for x in fp]), ValueError),
+        ("fp chunks of two dtypes", at(10, lambda fp: [fp[0], fp[1].half()] if len(fp) == 2 else [fp[0].half()]),
+         (TypeError, ValueError)),
+        ("a token count that disagrees", at(10, lambda fp: fp[:-1]), ValueError),
+        ("key codes of another head count", at(1, lambda c: c[:, :1]), ValueError),
+        ("value scale of another dtype", at(7, lambda s: s.float()), None),
+        ("float64 query", at(0, lambda q: q.double()), None),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", decode_op_cases(), ids=lambda c: c[0])
+def test_decode_op_refuses_malformed_input_before_the_cpp(case):
+    _, mutate, error = case
+    args = mutate(list(decode_sample(KIVIConfig(group_size=8, residual_length=16))))
+    if error is not None:
+        for backend in ("fast", "auto", "reference"):
+            with kernels.use(backend), pytest.raises(error):
+                dispatch.kivi_decode(*args)
+        return
+    with kernels.use("fast"), pytest.raises(kernels.KernelUnavailableError, match="kivi_decode"):
+        dispatch.kivi_decode(*args)
+    with kernels.use("reference"):
+        want = dispatch.kivi_decode(*args)
+    torch.testing.assert_close(dispatch.kivi_decode(*args), want)  # auto: the reference composition
+
+
 # --- dispatch -------------------------------------------------------------------------------------------
 def test_backend_selection(monkeypatch):
     monkeypatch.delenv("KVPACK_KERNELS", raising=False)

@@ -127,6 +127,8 @@ class Kernel:
         """The fast implementation for these arguments under the backend policy, or None (the reference)."""
         name = backend()
         if name == "reference" or self.cpu is None:
+            if self.check is not None:
+                self.check(*args)  # malformed input raises the same clear error under every policy
             return None
         from . import native
 

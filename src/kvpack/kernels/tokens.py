@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import ctypes
 
-import torch
-
-from . import native
+from . import backend, native
 from .checks import SCALE_TYPES
 
 __all__ = ["append_tokens"]
@@ -33,11 +31,12 @@ def append_tokens(keys, values, key_buffer, key_end: int, value_buffer, value_en
     """Write ``keys`` / ``values`` (B, H, T, D, already shape-checked by the layer) at slot ``*_end`` of the
     buffers (B, H, capacity, D) when both are finite (or ``check_finite`` is off).
 
-    Returns None when the fast copy cannot run here (the caller then uses torch), else the counts of
-    non-finite values (keys, values): (0, 0) means both were written, anything else that neither was.
+    Returns None when the fast copy cannot run here or the ``"reference"`` kernel backend is in force (the
+    caller then uses torch), else the counts of non-finite values (keys, values): (0, 0) means both were
+    written, anything else that neither was.
     """
     dtype = keys.dtype
-    if (native.available() or dtype not in SCALE_TYPES or not keys.is_cpu or key_buffer.dtype != dtype
+    if (backend() == "reference" or native.available() or dtype not in SCALE_TYPES or not keys.is_cpu or key_buffer.dtype != dtype
             or value_buffer.dtype != dtype or not value_buffer.is_cpu):  # fmt: skip
         return None
     batch, heads, tokens, dim = keys.shape
