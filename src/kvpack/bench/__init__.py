@@ -13,8 +13,9 @@ Parts (``--parts``, default all three):
    the time per step, the ratio to float32 SDPA, and the fraction of this machine's limit reached: the
    larger of (bytes read / memory bandwidth) and (multiply-adds / peak fp32 rate), both measured in the
    same run (a large tensor sum and a large matmul).
-2. ``generate``: greedy decoding tokens/s of the embedded model at long context over a batch sweep, and
-   per method the largest batch whose KV cache fits ``--memory-budget-gb`` with its throughput. The prompt
+2. ``generate``: greedy decoding tokens/s of the embedded model per prompt length (``--gen-context``, one
+   or several: then the plot shows tokens/s against context) over a batch sweep, and per method the largest
+   batch whose KV cache fits ``--memory-budget-gb`` with its throughput (at the longest prompt). Each prompt
    is prefilled once (batch 1) and its per-layer K/V are repeated over the batch to fill each cache.
 3. ``prefill``: model prefill time with an uncompressed cache and with each quantized cache, and the
    time spent quantizing (the layers' ``append``).
@@ -356,41 +357,58 @@ def _decode(model, cache, token, batch, steps):
 
 
 def run_generate(args, model, log=print) -> list[dict]:
+    """Greedy decode tokens/s per (prompt length, batch, method). Methods alternate round-robin over
+    ``max(1, repeat // 2)`` rounds per (context, batch), each keeping its best round (the ratios between
+    methods are what the runs compare). The largest batch within ``--memory-budget-gb`` is timed at the
+    longest context only."""
     import torch
 
     import kvpack
     from kvpack.hf import runtime
 
-    log(f"\n== generate: greedy decode tokens/s, {args.gen_context}-token prompt, {args.gen_tokens} new tokens ==")
-    kv, token = _prefilled_kv(model, args.gen_context, args.seed)
+    contexts = sorted(set(args.gen_context))
+    rounds = max(1, args.repeat // 2)
+    factories = _cache_factories(model, args.gen_methods)
     rows = []
-    budget = args.memory_budget_gb * 1e9
-    log(f"{'method':<18} {'batch':>5} {'tokens/s':>9} {'KV MB':>9}")
-    for name, (factory, fused) in _cache_factories(model, args.gen_methods).items():
+
+    def timed(factory, fused, kv, token, batch) -> tuple[float, int]:
         (kvpack.enable if fused else kvpack.hf.disable)(model)
-        per_sequence = None
+        cache = _filled_cache(factory, model, kv, batch)
+        nbytes = runtime.cache_nbytes(cache)
+        _decode(model, cache, token, batch, 1)  # warm up (the cache grows by one token)
+        return _decode(model, cache, token, batch, args.gen_tokens), nbytes
+
+    for context in contexts:
+        log(f"\n== generate: greedy decode tokens/s, {context}-token prompt, {args.gen_tokens} new tokens, "
+            f"best of {rounds} round(s) ==")  # fmt: skip
+        kv, token = _prefilled_kv(model, context, args.seed)
+        log(f"{'method':<18} {'batch':>5} {'tokens/s':>9} {'KV MB':>9}")
+        per_sequence = {}
         for batch in sorted(set(args.gen_batch)):
-            cache = _filled_cache(factory, model, kv, batch)
-            nbytes = runtime.cache_nbytes(cache)
-            per_sequence = nbytes / batch
-            _decode(model, cache, token, batch, 1)  # warm up (the cache grows by one token)
-            seconds = _decode(model, cache, token, batch, args.gen_tokens)
-            rows.append({"part": "generate", "method": name, "batch": batch, "context": args.gen_context,
-                         "tokens_per_s": batch * args.gen_tokens / seconds, "kv_bytes": nbytes})  # fmt: skip
-            log(f"{name:<18} {batch:>5} {rows[-1]['tokens_per_s']:>9.1f} {nbytes / 1e6:>9.1f}")
-            del cache
-        max_batch = int(budget // per_sequence) if per_sequence else 0
-        if max_batch >= 1:
-            cache = _filled_cache(factory, model, kv, max_batch)
-            _decode(model, cache, token, max_batch, 1)
-            seconds = _decode(model, cache, token, max_batch, args.gen_tokens)
-            rows.append({"part": "generate-budget", "method": name, "batch": max_batch, "context": args.gen_context,
-                         "tokens_per_s": max_batch * args.gen_tokens / seconds, "kv_bytes": runtime.cache_nbytes(cache),
+            best = {}
+            for _ in range(rounds):
+                for name, (factory, fused) in factories.items():
+                    seconds, nbytes = timed(factory, fused, kv, token, batch)
+                    best[name] = min(best.get(name, (float("inf"), 0)), (seconds, nbytes))
+                    torch.manual_seed(args.seed)
+            for name, (seconds, nbytes) in best.items():
+                per_sequence[name] = nbytes / batch
+                rows.append({"part": "generate", "method": name, "batch": batch, "context": context,
+                             "tokens_per_s": batch * args.gen_tokens / seconds, "kv_bytes": nbytes})  # fmt: skip
+                log(f"{name:<18} {batch:>5} {rows[-1]['tokens_per_s']:>9.1f} {nbytes / 1e6:>9.1f}")
+        if context != contexts[-1]:
+            continue
+        budget = args.memory_budget_gb * 1e9
+        for name, (factory, fused) in factories.items():
+            max_batch = int(budget // per_sequence[name]) if per_sequence.get(name) else 0
+            if max_batch < 1:
+                continue
+            seconds, nbytes = timed(factory, fused, kv, token, max_batch)
+            rows.append({"part": "generate-budget", "method": name, "batch": max_batch, "context": context,
+                         "tokens_per_s": max_batch * args.gen_tokens / seconds, "kv_bytes": nbytes,
                          "budget_bytes": budget})  # fmt: skip
-            log(f"{name:<18} {max_batch:>5} {rows[-1]['tokens_per_s']:>9.1f} {rows[-1]['kv_bytes'] / 1e6:>9.1f}"
-                  f"  <- largest batch within {args.memory_budget_gb} GB")  # fmt: skip
-            del cache
-        torch.manual_seed(args.seed)
+            log(f"{name:<18} {max_batch:>5} {rows[-1]['tokens_per_s']:>9.1f} {nbytes / 1e6:>9.1f}"
+                f"  <- largest batch within {args.memory_budget_gb} GB")  # fmt: skip
     kvpack.hf.disable(model)
     return rows
 
@@ -470,10 +488,14 @@ def plot(rows: list[dict], path: Path) -> str | None:
     except ImportError as err:
         return f"no plot: {err} (pip install matplotlib)"
     attention = [r for r in rows if r.get("part") == "attention" and "ms" in r]
-    generate = [r for r in rows if r.get("part") in ("generate", "generate-budget")]
+    generate = [r for r in rows if r.get("part") == "generate"]
+    budget_rows = [r for r in rows if r.get("part") == "generate-budget"]
     prefill = [r for r in rows if r.get("part") == "prefill"]
     cases = sorted({(r["layers"], r["batch"]) for r in attention})
-    panels = len(cases) + bool(generate) + bool(prefill)
+    contexts = sorted({r["context"] for r in generate})
+    # several prompt lengths: tokens/s against context, one panel per batch; one: against batch
+    generate_panels = sorted({r["batch"] for r in generate}) if len(contexts) > 1 else [None] * bool(generate)
+    panels = len(cases) + len(generate_panels) + bool(prefill)
     if not panels:
         return "no plot: no rows"
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4), squeeze=False)
@@ -493,16 +515,18 @@ def plot(rows: list[dict], path: Path) -> str | None:
         lines(ax, [r for r in attention if r["layers"] == n_layers and r["batch"] == batch], "context", "ms")
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step",
                title=f"decode attention: {n_layers} layer(s), batch {batch}")  # fmt: skip
-    if generate:
+    for batch in generate_panels:
         ax = axes.pop(0)
-        colors = lines(ax, [r for r in generate if r["part"] == "generate"], "batch", "tokens_per_s")
-        for r in (r for r in generate if r["part"] == "generate-budget"):
+        if batch is not None:
+            lines(ax, [r for r in generate if r["batch"] == batch], "context", "tokens_per_s")
+            ax.set(xscale="log", xlabel="prompt tokens", ylabel="tokens/s (greedy)", title=f"generate, batch {batch}")
+            continue
+        colors = lines(ax, generate, "batch", "tokens_per_s")
+        for r in budget_rows:
             ax.scatter([r["batch"]], [r["tokens_per_s"]], marker="*", s=120, color=colors.get(r["method"], "k"))
-        budget_gb = next((r["budget_bytes"] / 1e9 for r in generate if "budget_bytes" in r), None)
+        budget_gb = next((r["budget_bytes"] / 1e9 for r in budget_rows), None)
         note = f"\nstars: largest batch in {budget_gb:g} GB" if budget_gb else ""
-        ax.set(
-            xlabel="batch", ylabel="tokens/s (greedy)", title=f"generate, {generate[0]['context']}-token prompt{note}"
-        )
+        ax.set(xlabel="batch", ylabel="tokens/s (greedy)", title=f"generate, {contexts[0]}-token prompt{note}")
     if prefill:
         ax = axes.pop(0)
         lines(ax, prefill, "context", "ms")

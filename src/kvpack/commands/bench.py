@@ -27,7 +27,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds per variant (best kept, default 5)")
     parser.add_argument("--max-cache-gb", type=float, default=4.0,
                         help="skip attention cases whose float32 cache exceeds this (default 4)")  # fmt: skip
-    parser.add_argument("--gen-context", type=int, default=2048, help="prompt tokens for generate (default 2048)")
+    parser.add_argument("--gen-context", type=int, nargs="+", default=[2048],
+                        help="prompt lengths for generate (default 2048); several plot tokens/s against context")  # fmt: skip
     parser.add_argument("--gen-batch", type=int, nargs="+", default=[1, 4, 8], help="generate batch sweep")
     parser.add_argument("--gen-tokens", type=int, default=8, help="tokens decoded per generate run (default 8)")
     parser.add_argument("--gen-methods", nargs="+", help="generate/prefill rows (default all)")
@@ -36,6 +37,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefill-context", type=int, nargs="+", default=[1024, 2048], help="prefill lengths")
     parser.add_argument("--out", default="bench-out", help="output folder for bench.json and bench.png")
     parser.add_argument("--threads", type=int, help="torch (and kernel) threads (default: torch's default)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="keep N other processes spinning while it runs: decode on a busy machine (default 0)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -47,7 +50,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from kvpack.bench import apply_limits, measure_limits, plot, run_attention, run_generate, run_prefill
+    from kvpack.bench import apply_limits, measure_limits, plot
     from kvpack.machine import machine_info
 
     info = machine_info()
@@ -68,17 +71,16 @@ def run(args) -> int:
           f"{info['kernel_load_s']:.1f} s, cache {native.cache_dir()})")  # fmt: skip
 
     rows = []
-    if "attention" in args.parts:
-        rows += [dict(r, part="attention") for r in run_attention(args, limits)]
-    if {"generate", "prefill"} & set(args.parts):
-        import kvpack
-
-        model, _ = kvpack.load_model()
-        torch.set_grad_enabled(False)
-        if "generate" in args.parts:
-            rows += run_generate(args, model)
-        if "prefill" in args.parts:
-            rows += run_prefill(args, model)
+    busy = _spin(args.busy)
+    if busy:
+        print(f"busy: {len(busy)} spinning process(es) compete for the cores during the run")
+    try:
+        rows += _run_parts(args, limits)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    info["busy_processes"] = args.busy
     info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     end = measure_limits()
     limits = {key: max(limits[key], end[key]) for key in limits}  # the best seen: the machine's limit
@@ -101,3 +103,33 @@ def run(args) -> int:
     print(f"\nwrote {out_dir / 'bench.json'}" + (f"; {note}" if note else f" and {out_dir / 'bench.png'}"))
     print(f"load average at the end: {info['load_average_end']}")
     return 0
+
+
+def _run_parts(args, limits) -> list[dict]:
+    import torch
+
+    from kvpack.bench import run_attention, run_generate, run_prefill
+
+    rows = []
+    if "attention" in args.parts:
+        rows += [dict(r, part="attention") for r in run_attention(args, limits)]
+    if {"generate", "prefill"} & set(args.parts):
+        import kvpack
+
+        model, _ = kvpack.load_model()
+        torch.set_grad_enabled(False)
+        if "generate" in args.parts:
+            rows += run_generate(args, model)
+        if "prefill" in args.parts:
+            rows += run_prefill(args, model)
+    return rows
+
+
+def _spin(n: int) -> list:
+    """``n`` processes that spin on a core each until killed (the busy-machine measurement)."""
+    import subprocess
+    import sys
+
+    if n < 0:
+        raise SystemExit(f"--busy must be >= 0, got {n}")
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
