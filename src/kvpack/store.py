@@ -182,6 +182,12 @@ class Format(abc.ABC):
     def quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x`` (B, H, n * unit, D) fp -> named tensors, each (B, H, n, ...)."""
 
+    def quantize_into(self, x: torch.Tensor, rows: dict[str, GrowBuffer]) -> bool:
+        """Optionally :meth:`quantize` straight into the row buffers' free slots, advancing their lengths
+        (the decode path's one-token value flush). False, with nothing stored, where it does not: the store
+        then calls :meth:`quantize` and appends its tensors."""
+        return False
+
     @abc.abstractmethod
     def dequantize(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """Named tensors (B, H, n, ...) -> (B, H, n * unit, D) float32 reconstruction."""
@@ -261,13 +267,14 @@ class Store:
         replaced = None
         if n_flush:
             flushed = self.fp.view()[:, :, :n_flush]
-            try:
-                quantized = self.format.quantize(flushed)
-            except Exception:
-                self.fp.truncate(before)  # a failed flush (e.g. scale overflow) stores nothing
-                raise
-            for name, tensor in quantized.items():
-                self.rows.setdefault(name, GrowBuffer()).append(tensor)
+            if not (self.rows and self.format.quantize_into(flushed, self.rows)):
+                try:
+                    quantized = self.format.quantize(flushed)
+                except Exception:
+                    self.fp.truncate(before)  # a failed flush (e.g. scale overflow) stores nothing
+                    raise
+                for name, tensor in quantized.items():
+                    self.rows.setdefault(name, GrowBuffer()).append(tensor)
             self.num_rows += n_flush // self.format.unit
             # A prompt leaves <= R tokens in a prompt-sized buffer: shrink it (room for in-place compaction).
             replaced = self.fp.drop_front(n_flush, keep_capacity=2 * self.policy.residual_length + 16)

@@ -520,6 +520,8 @@ def plot(rows: list[dict], path: Path) -> str | None:
         if batch is not None:
             lines(ax, [r for r in generate if r["batch"] == batch], "context", "tokens_per_s")
             ax.set(xscale="log", xlabel="prompt tokens", ylabel="tokens/s (greedy)", title=f"generate, batch {batch}")
+            ax.set_xticks(contexts, [str(c) for c in contexts])
+            ax.minorticks_off()
             continue
         colors = lines(ax, generate, "batch", "tokens_per_s")
         for r in budget_rows:

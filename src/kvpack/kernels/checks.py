@@ -72,6 +72,8 @@ def codes_reason(codes) -> str | None:
 
 def inner_contiguous(t: torch.Tensor, dims: int) -> bool:
     """The last ``dims`` axes are laid out contiguously (C order)."""
+    if t.is_contiguous():  # the hot path: the stores' buffers are
+        return True
     expected = 1
     for size, stride in zip(reversed(t.shape[-dims:]), reversed(t.stride()[-dims:])):
         if size != 1 and stride != expected:
@@ -81,4 +83,6 @@ def inner_contiguous(t: torch.Tensor, dims: int) -> bool:
 
 
 def inner(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """``t``, or a contiguous copy unless its last ``dims`` axes already are (the hot path: a contiguous
+    tensor returns at once)."""
     return t if inner_contiguous(t, dims) else t.contiguous()

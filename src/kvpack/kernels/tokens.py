@@ -4,6 +4,7 @@ and values checked for NaN/Inf and written into their fp buffers' free slots in 
 
 from __future__ import annotations
 
+import array
 import ctypes
 
 from . import backend, native
@@ -49,9 +50,9 @@ def append_tokens(keys, values, key_buffer, key_end: int, value_buffer, value_en
     if kb[3] != 1 or vb[3] != 1 or key_end + tokens > key_buffer.shape[2] or value_end + tokens > value_buffer.shape[2]:
         raise ValueError("append_tokens: the buffers have no room for the tokens")  # the store reserves it first
     esize = keys.element_size()
-    bad = (ctypes.c_int64 * 2)()
+    bad = array.array("q", (0, 0))
     native.call_flat("kvpack_append_tokens", [
         keys.data_ptr(), *ks, values.data_ptr(), *vs, key_buffer.data_ptr() + key_end * kb[2] * esize, *kb[:3],
         value_buffer.data_ptr() + value_end * vb[2] * esize, *vb[:3], batch, heads, tokens, dim, SCALE_TYPES[dtype],
-        int(check_finite), ctypes.addressof(bad)])  # fmt: skip
+        int(check_finite), bad.buffer_info()[0]])  # fmt: skip
     return bad[0], bad[1]

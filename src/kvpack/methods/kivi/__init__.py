@@ -16,7 +16,7 @@ from ...config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, chec
 from ...primitives import dequantize_affine, unpack_bits
 from ...registry import register
 from ...store import CompressedLayer, Format
-from . import ops
+from . import cpu, ops
 
 __all__ = ["AffineValueFormat", "KIVIConfig", "KIVIKeyFormat", "KIVILayer"]
 
@@ -119,6 +119,10 @@ class AffineValueFormat(Format):
     def quantize(self, values):
         codes, scale, zero = ops.quantize_pack_tokens(values, self.bits, self.group_size, self.scale_dtype)
         return {"codes": codes, "scale": scale, "zero": zero}  # (B, H, n, D * bits / 8), (B, H, n, D / G) x2
+
+    def quantize_into(self, values, rows):
+        return cpu.quantize_tokens_into(values, self.bits, self.group_size, self.scale_dtype, rows["codes"],
+                                        rows["scale"], rows["zero"])  # fmt: skip
 
     def spec(self, batch, heads, dim, dtype, n):
         scale = ((batch, heads, n, dim // self.group_size), self.scale_dtype or dtype)

@@ -201,24 +201,26 @@ void value_weighted_sum_impl(const float* w, const int64_t* w_s, const uint8_t* 
 }
 
 // Values: x (B, H, T, D) of x_type with strides x_s[4] (x_s[3] == 1) -> codes (B, H, T, ceil(D * bits / 8))
-// uint8, scale/zero (B, H, T, D / G) of scale_type, all contiguous. Groups of G consecutive channels.
+// uint8 with batch/head/token strides codes_s[3], scale/zero (B, H, T, D / G) of scale_type with strides
+// scale_s[3] (both last axes contiguous). Groups of G consecutive channels.
 // Returns 0, or 1 when a scale or zero overflows the scale type.
 int quantize_tokens_impl(const void* x, int x_type, const int64_t* x_s, int64_t B, int64_t H, int64_t T, int D,
-                           int G, int bits, uint8_t* codes, void* scale, void* zero, int scale_type, int threads) {
+                         int G, int bits, uint8_t* codes, const int64_t* codes_s, void* scale, void* zero,
+                         const int64_t* scale_s, int scale_type, int threads) {
   const int64_t rows = B * H * T;
-  const int row_bytes = (D * bits + 7) / 8, groups = D / G;
+  const int groups = D / G;
   int bad = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(| : bad) if (threads > 1 && rows * D > 1 << 16)
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t b = row / (H * T), h = (row / T) % H, t = row % T;
     const int64_t base = b * x_s[0] + h * x_s[1] + t * x_s[2];
+    const int64_t sz = b * scale_s[0] + h * scale_s[1] + t * scale_s[2];
     std::vector<float> buf(D);
     std::vector<uint8_t> row_codes(D);
     for (int d = 0; d < D; ++d) buf[d] = load_scale(x, base + d, x_type);
     for (int g = 0; g < groups; ++g)
-      bad |= !quantize_group(buf.data() + g * G, G, 1, bits, scale, zero, row * groups + g, scale_type,
-                             row_codes.data() + g * G);
-    pack_codes(row_codes.data(), D, bits, codes + row * row_bytes);
+      bad |= !quantize_group(buf.data() + g * G, G, 1, bits, scale, zero, sz + g, scale_type, row_codes.data() + g * G);
+    pack_codes(row_codes.data(), D, bits, codes + b * codes_s[0] + h * codes_s[1] + t * codes_s[2]);
   }
   return bad;
 }
@@ -295,6 +297,18 @@ struct KiviDecodeArgs {
   int64_t scale_type, key_bits, value_bits, group;
 };
 
+struct QuantizeIntoArgs {
+  const void* x;
+  int64_t x_type;
+  int64_t x_strides[4];
+  int64_t batch, heads, tokens, head_dim, group, bits, scale_type, threads;
+  uint8_t* codes;
+  int64_t codes_strides[3];
+  void* scale;
+  void* zero;
+  int64_t scale_strides[3];
+};
+
 struct QuantizeArgs {  // tokens: T for per-token values, N (groups) for key groups
   const void* x;
   int64_t x_type;
@@ -334,9 +348,19 @@ int kvpack_kivi_decode(const KiviDecodeArgs* a) {
 
 // Returns 0, or 1 when a scale or zero overflows the scale type or the input holds a NaN.
 int kvpack_quantize_tokens(const QuantizeArgs* a) {
+  const int64_t T = a->tokens, row_bytes = (a->head_dim * a->bits + 7) / 8, groups = a->head_dim / a->group;
+  const int64_t codes_s[3] = {a->heads * T * row_bytes, T * row_bytes, row_bytes};  // contiguous outputs
+  const int64_t scale_s[3] = {a->heads * T * groups, T * groups, groups};
+  return quantize_tokens_impl(a->x, (int)a->x_type, a->x_strides, a->batch, a->heads, T, (int)a->head_dim,
+                              (int)a->group, (int)a->bits, a->codes, codes_s, a->scale, a->zero, scale_s,
+                              (int)a->scale_type, (int)a->threads);
+}
+
+// The same into given outputs (the store's row buffers at their free slots), with strides.
+int kvpack_quantize_tokens_into(const QuantizeIntoArgs* a) {
   return quantize_tokens_impl(a->x, (int)a->x_type, a->x_strides, a->batch, a->heads, a->tokens, (int)a->head_dim,
-                              (int)a->group, (int)a->bits, a->codes, a->scale, a->zero, (int)a->scale_type,
-                              (int)a->threads);
+                              (int)a->group, (int)a->bits, a->codes, a->codes_strides, a->scale, a->zero,
+                              a->scale_strides, (int)a->scale_type, (int)a->threads);
 }
 
 int kvpack_quantize_key_groups(const QuantizeArgs* a) {

@@ -62,7 +62,16 @@ class KiviDecodeArgs(ctypes.Structure):
 native.entry("kvpack_kivi_key_scores", KiviKeyScoresArgs)
 native.entry("kvpack_kivi_decode", KiviDecodeArgs)
 native.entry("kvpack_value_weighted_sum", ValueWeightedSumArgs)
+
+
+class QuantizeIntoArgs(ctypes.Structure):
+    _fields_ = [("x", _P), ("x_type", _I), ("x_strides", _I * 4), ("batch", _I), ("heads", _I), ("tokens", _I),
+                ("head_dim", _I), ("group", _I), ("bits", _I), ("scale_type", _I), ("threads", _I), ("codes", _P),
+                ("codes_strides", _I * 3), ("scale", _P), ("zero", _P), ("scale_strides", _I * 3)]  # fmt: skip
+
+
 native.entry("kvpack_quantize_tokens", QuantizeArgs)
+native.entry("kvpack_quantize_tokens_into", QuantizeIntoArgs)
 native.entry("kvpack_quantize_key_groups", QuantizeArgs)
 
 
@@ -294,6 +303,45 @@ def quantize_pack_tokens_cpu(values, bits, group_size, scale_dtype=None):
         if result is not None:
             return result
     return reference.quantize_pack_tokens(values, bits, group_size, scale_dtype)  # raises, or trivial
+
+
+def quantize_tokens_into(values, bits, group_size, scale_dtype, codes, scale, zero) -> bool:
+    """``quantize_pack_tokens`` written straight into three row buffers (:class:`kvpack.store.GrowBuffer`) at
+    their free slots, advancing their lengths: bit for bit what the op returns, without allocating outputs
+    and copying them in. False, with nothing stored, where that cannot run (another backend policy or
+    device, no room without growing, buffers of another layout, a NaN or an overflowing scale): the caller
+    then takes the op's path, which raises what the reference raises."""
+    from ...kernels import backend
+
+    if backend() == "reference" or native.available() or check_quantize(values, bits, group_size, scale_dtype):
+        return False
+    batch, heads, tokens, dim = values.shape
+    if _refused_by_reference(values, bits, group_size, dim) or dim * bits % 8:
+        return False
+    at = codes.free_slot(tokens)
+    if at is None or scale.free_slot(tokens) != at or zero.free_slot(tokens) != at:
+        return False
+    c, sc, ze = codes.data, scale.data, zero.data
+    scale_dtype = scale_dtype or values.dtype
+    if (c.dtype != torch.uint8 or c.dim() != 4 or c.shape[:2] != (batch, heads) or c.shape[3] != dim * bits // 8
+            or sc.dtype != scale_dtype or sc.dim() != 4 or sc.shape[:2] != (batch, heads)
+            or sc.shape[3] != dim // group_size or ze.shape != sc.shape or ze.dtype != sc.dtype
+            or c.stride(3) != 1 or sc.stride(3) != 1 or ze.stride() != sc.stride()
+            or not (c.is_cpu and sc.is_cpu and ze.is_cpu)):  # fmt: skip
+        return False
+    small(("head_dim", "group_size"), dim, group_size)
+    if values.stride(-1) != 1:
+        values = values.contiguous()
+    cs, ss, size = c.stride(), sc.stride(), sc.element_size()
+    bad = native.call_flat("kvpack_quantize_tokens_into", [
+        values.data_ptr(), SCALE_TYPES[values.dtype], *values.stride(), batch, heads, tokens, dim, group_size, bits,
+        SCALE_TYPES[scale_dtype], torch.get_num_threads(), c.data_ptr() + at * cs[2], *cs[:3],
+        sc.data_ptr() + at * ss[2] * size, ze.data_ptr() + at * ss[2] * size, *ss[:3]])  # fmt: skip
+    if bad:
+        return False  # only free slots were written: nothing is stored
+    for buf in (codes, scale, zero):
+        buf.length += tokens
+    return True
 
 
 def quantize_pack_key_groups_cpu(keys, bits, group_size, scale_dtype=None):

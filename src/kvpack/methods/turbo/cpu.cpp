@@ -207,8 +207,48 @@ inline void turbo_value_pass(const TurboValueArgs& a, int v, __m256 cb_lo, __m25
   if constexpr (P0 + S < PER) turbo_value_pass<BITS, ROWS, P0 + S>(a, v, cb_lo, cb_hi);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// AVX-512: 16 bytes of a token widen to 16 lanes; bit plane s is one shift and mask, the lookup one permute
+// (up to 16 codebook entries in a register; 256 entries: a gather); all planes' accumulators stay in the
+// 32 registers. Lane l of plane s in byte vector v is channel (16 v + l) * PER + s.
+template <int BITS, int ROWS>
+void turbo_value_512(const TurboValueArgs& a) {
+  constexpr int PER = 8 / BITS, MASK = (1 << BITS) - 1;
+  float padded[16] = {};
+  for (int c = 0; c < (BITS == 8 ? 16 : 1 << BITS); ++c) padded[c] = a.codebook[c];
+  const __m512 cb = _mm512_loadu_ps(padded);
+  const __m512i mask = _mm512_set1_epi32(MASK);
+  const int64_t count = a.count, code_t = a.code_t, ws_row = a.ws_row;
+  for (int v = 0; v < a.nb / 16; ++v) {
+    __m512 acc[ROWS][PER];
+    for (int r = 0; r < ROWS; ++r)
+      for (int s = 0; s < PER; ++s) acc[r][s] = _mm512_setzero_ps();
+    const uint8_t* bytes = a.codes + 16 * v;
+    for (int64_t i = 0; i < count; ++i, bytes += code_t) {
+      const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+      __m512 w[ROWS];
+      for (int r = 0; r < ROWS; ++r) w[r] = _mm512_set1_ps(a.ws[r * ws_row + i]);
+      for (int s = 0; s < PER; ++s) {
+        const __m512i code = BITS == 8 ? x : _mm512_and_si512(_mm512_srli_epi32(x, s * BITS), mask);
+        const __m512 value = BITS == 8 ? _mm512_i32gather_ps(code, a.codebook, 4) : _mm512_permutexvar_ps(code, cb);
+        for (int r = 0; r < ROWS; ++r) acc[r][s] = _mm512_fmadd_ps(w[r], value, acc[r][s]);
+      }
+    }
+    alignas(64) float lanes[16];
+    for (int r = 0; r < ROWS; ++r)
+      for (int s = 0; s < PER; ++s) {
+        _mm512_store_ps(lanes, acc[r][s]);
+        for (int l = 0; l < 16; ++l) a.out[r * a.out_row + (16 * v + l) * PER + s] = lanes[l];
+      }
+  }
+}
+#endif
+
 template <int BITS, int ROWS>
 void turbo_value_rows(const TurboValueArgs& a) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (a.nb % 16 == 0) return turbo_value_512<BITS, ROWS>(a);
+#endif
   if (a.nb % 8) return turbo_value_scalar<BITS, ROWS>(a);
   float padded[16] = {};  // the codebook in registers: entries 0-7 and 8-15 (zeros past 2^BITS)
   for (int c = 0; c < (BITS == 8 ? 16 : 1 << BITS); ++c) padded[c] = a.codebook[c];
