@@ -18,7 +18,7 @@ import torch
 from . import native
 from .checks import SCALE_TYPES, small
 
-__all__ = ["DecodeArgs", "FpTokens", "check", "fields", "reference"]
+__all__ = ["DecodeArgs", "FpTokens", "check", "fake", "fields", "reference"]
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _FP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -122,6 +122,11 @@ def fields(query, key_fp, value_fp, mask, scale, key_quantized, value_quantized,
     head += (0, 0, 0, 0) if mask is None else (mask.data_ptr(), *mask.stride()[:3])
     return [*head, *_side_fields(key_fp), *_side_fields(value_fp), batch, heads, rows, dim, key_quantized,
             value_quantized, tokens, torch.get_num_threads(), native.double_bits(scale), out.data_ptr()], (query, mask)  # fmt: skip
+
+
+def fake(query, *args) -> torch.Tensor:
+    """Every decode op's fake (meta/tracing) result: (B, H, M, D) float32 like the query."""
+    return torch.empty_like(query, dtype=torch.float32)
 
 
 def reference(

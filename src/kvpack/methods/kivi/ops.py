@@ -56,10 +56,6 @@ quantize_pack_key_groups = Kernel(
 )  # fmt: skip
 
 
-def _decode_fake(query, *args):
-    return torch.empty_like(query, dtype=torch.float32)
-
-
 def _kivi_decode(query, key_codes, key_scale, key_zero, key_rows, key_fp, value_codes, value_scale, value_zero,
                  value_rows, value_fp, mask, scale, key_bits, value_bits, group_size):  # fmt: skip
     """The decode step composed of KIVI's per-kernel ops (each fast or reference under the backend policy)."""
@@ -75,5 +71,5 @@ kivi_decode = Kernel(
     "(Tensor query, Tensor key_codes, Tensor key_scale, Tensor key_zero, int key_rows, Tensor[] key_fp, "
     "Tensor value_codes, Tensor value_scale, Tensor value_zero, int value_rows, Tensor[] value_fp, Tensor? mask, "
     "float scale, int key_bits, int value_bits, int group_size) -> Tensor",
-    _kivi_decode, _decode_fake, cpu.check_kivi_decode, cpu.kivi_decode_cpu,
+    _kivi_decode, decode.fake, cpu.check_kivi_decode, cpu.kivi_decode_cpu,
 )  # fmt: skip

@@ -254,9 +254,7 @@ using namespace kvpack;
 
 // Argument structs: mirrored field by field by the ctypes.Structure classes in cpu.py. Absent optional
 // inputs (no outliers: k = 0; no outlier sketch: m_o = 0) are null pointers with strides 0.
-struct QJLKeyScoresArgs {
-  const float* query;
-  int64_t query_strides[4];
+struct QJLKeyRowArgs {  // the sketched key rows both entry points read (QjlKeys)
   const float* sketched;  // S q, (B, H, M, m) contiguous
   const float* sketch_t;  // S^T, (D, m) contiguous
   const uint8_t* outlier_idx;
@@ -269,6 +267,12 @@ struct QJLKeyScoresArgs {
   int64_t outlier_signs_strides[2];
   const void* outlier_norms;
   int64_t outlier_norms_strides[2];
+};
+
+struct QJLKeyScoresArgs {
+  const float* query;
+  int64_t query_strides[4];
+  QJLKeyRowArgs keys;
   int64_t norm_type, batch, heads, rows, groups, head_dim, group, sketch_dim, outlier_sketch_dim, outliers, threads;
   float* out;
 };
@@ -281,18 +285,7 @@ struct PackSignsArgs {
 
 struct QJLDecodeArgs {
   DecodeArgs common;
-  const float* sketched;  // S q, (B, H, M, m) contiguous
-  const float* sketch_t;  // S^T, (D, m) contiguous
-  const uint8_t* outlier_idx;
-  int64_t outlier_idx_strides[2];
-  const uint8_t* signs;
-  int64_t signs_strides[2];
-  const void* norms;
-  int64_t norms_strides[2];
-  const uint8_t* outlier_signs;
-  int64_t outlier_signs_strides[2];
-  const void* outlier_norms;
-  int64_t outlier_norms_strides[2];
+  QJLKeyRowArgs keys;
   int64_t norm_type, group, sketch_dim, outlier_sketch_dim, outliers;
   const uint8_t* value_codes;
   int64_t value_codes_strides[3];
@@ -302,15 +295,21 @@ struct QJLDecodeArgs {
   int64_t value_scale_type, value_bits;
 };
 
+static QjlKeys qjl_keys(const QJLKeyRowArgs& k, int64_t norm_type, int64_t heads, int64_t rows, int64_t head_dim,
+                        int64_t group, int64_t m, int64_t m_o, int64_t outliers, int* bad) {
+  return QjlKeys{k.sketched, k.sketch_t, k.outlier_idx, k.outlier_idx_strides, k.signs, k.signs_strides, k.norms,
+                 k.norms_strides, k.outlier_signs, k.outlier_signs_strides, k.outlier_norms, k.outlier_norms_strides,
+                 (int)norm_type, heads, (int)rows, (int)head_dim, (int)group, (int)m, (int)m_o, (int)outliers, bad,
+                 group};
+}
+
 extern "C" {
 
 // Returns 1 when an outlier index is >= D (those channels read as channel 0), else 0.
 int kvpack_qjl_key_scores(const QJLKeyScoresArgs* a) {
   int bad = 0;
-  const QjlKeys keys{a->sketched, a->sketch_t, a->outlier_idx, a->outlier_idx_strides, a->signs, a->signs_strides,
-                     a->norms, a->norms_strides, a->outlier_signs, a->outlier_signs_strides, a->outlier_norms,
-                     a->outlier_norms_strides, (int)a->norm_type, a->heads, (int)a->rows, (int)a->head_dim,
-                     (int)a->group, (int)a->sketch_dim, (int)a->outlier_sketch_dim, (int)a->outliers, &bad, a->group};
+  const QjlKeys keys = qjl_keys(a->keys, a->norm_type, a->heads, a->rows, a->head_dim, a->group, a->sketch_dim,
+                                a->outlier_sketch_dim, a->outliers, &bad);
   return qjl_key_scores_impl(a->query, a->query_strides, keys, a->out, a->batch, (int)a->rows, a->groups,
                              (int)a->threads);
 }
@@ -320,10 +319,8 @@ int kvpack_qjl_decode(const QJLDecodeArgs* a) {
   int bad = 0;
   const DecodeArgs& c = a->common;
   const int D = (int)c.head_dim, G = (int)a->group;
-  const QjlKeys keys{a->sketched, a->sketch_t, a->outlier_idx, a->outlier_idx_strides, a->signs, a->signs_strides,
-                     a->norms, a->norms_strides, a->outlier_signs, a->outlier_signs_strides, a->outlier_norms,
-                     a->outlier_norms_strides, (int)a->norm_type, c.heads, (int)c.rows, D, G, (int)a->sketch_dim,
-                     (int)a->outlier_sketch_dim, (int)a->outliers, &bad, G};
+  const QjlKeys keys = qjl_keys(a->keys, a->norm_type, c.heads, c.rows, c.head_dim, a->group, a->sketch_dim,
+                                a->outlier_sketch_dim, a->outliers, &bad);
   const AffineValues values(a->value_codes, a->value_codes_strides, a->value_scale, a->value_zero,
                             a->value_scale_strides, (int)a->value_scale_type, D, G, (int)a->value_bits);
   decode_attention(c, keys, values);

@@ -13,11 +13,15 @@ from ..kivi.cpu import affine_value_views, check_affine_values, check_rows
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
+class QJLKeyRowArgs(ctypes.Structure):
+    _fields_ = [("sketched", _P), ("sketch_t", _P), ("outlier_idx", _P), ("outlier_idx_strides", _I * 2),
+                ("signs", _P), ("signs_strides", _I * 2), ("norms", _P), ("norms_strides", _I * 2),
+                ("outlier_signs", _P), ("outlier_signs_strides", _I * 2), ("outlier_norms", _P),
+                ("outlier_norms_strides", _I * 2)]  # fmt: skip
+
+
 class QJLKeyScoresArgs(ctypes.Structure):
-    _fields_ = [("query", _P), ("query_strides", _I * 4), ("sketched", _P), ("sketch_t", _P), ("outlier_idx", _P),
-                ("outlier_idx_strides", _I * 2), ("signs", _P), ("signs_strides", _I * 2), ("norms", _P),
-                ("norms_strides", _I * 2), ("outlier_signs", _P), ("outlier_signs_strides", _I * 2),
-                ("outlier_norms", _P), ("outlier_norms_strides", _I * 2), ("norm_type", _I), ("batch", _I),
+    _fields_ = [("query", _P), ("query_strides", _I * 4), ("keys", QJLKeyRowArgs), ("norm_type", _I), ("batch", _I),
                 ("heads", _I), ("rows", _I), ("groups", _I), ("head_dim", _I), ("group", _I), ("sketch_dim", _I),
                 ("outlier_sketch_dim", _I), ("outliers", _I), ("threads", _I), ("out", _P)]  # fmt: skip
 
@@ -27,10 +31,7 @@ class PackSignsArgs(ctypes.Structure):
 
 
 class QJLDecodeArgs(ctypes.Structure):
-    _fields_ = [("common", decode.DecodeArgs), ("sketched", _P), ("sketch_t", _P), ("outlier_idx", _P),
-                ("outlier_idx_strides", _I * 2), ("signs", _P), ("signs_strides", _I * 2), ("norms", _P),
-                ("norms_strides", _I * 2), ("outlier_signs", _P), ("outlier_signs_strides", _I * 2),
-                ("outlier_norms", _P), ("outlier_norms_strides", _I * 2), ("norm_type", _I), ("group", _I),
+    _fields_ = [("common", decode.DecodeArgs), ("keys", QJLKeyRowArgs), ("norm_type", _I), ("group", _I),
                 ("sketch_dim", _I), ("outlier_sketch_dim", _I), ("outliers", _I), ("value_codes", _P),
                 ("value_codes_strides", _I * 3), ("value_scale", _P), ("value_zero", _P),
                 ("value_scale_strides", _I * 3), ("value_scale_type", _I), ("value_bits", _I)]  # fmt: skip
@@ -147,10 +148,10 @@ def qjl_key_scores_cpu(query, sketch, outlier_idx, signs, norms, outlier_signs, 
 
     (idx_ptr, idx_s), (os_ptr, os_s), (on_ptr, on_s) = optional(idx, k), optional(outlier_signs, m_o), optional(
         outlier_norms, m_o)  # fmt: skip
-    args = QJLKeyScoresArgs(query.data_ptr(), query.stride(), sketched.data_ptr(), sketch_t.data_ptr(), idx_ptr, idx_s,
-                            signs.data_ptr(), signs.stride()[:2], norms.data_ptr(), norms.stride()[:2], os_ptr, os_s,
-                            on_ptr, on_s, SCALE_TYPES[norms.dtype], batch, heads, rows, n_groups, dim, group, m, m_o,
-                            k, torch.get_num_threads(), out.data_ptr())  # fmt: skip
+    keys = QJLKeyRowArgs(sketched.data_ptr(), sketch_t.data_ptr(), idx_ptr, idx_s, signs.data_ptr(), signs.stride()[:2],
+                         norms.data_ptr(), norms.stride()[:2], os_ptr, os_s, on_ptr, on_s)  # fmt: skip
+    args = QJLKeyScoresArgs(query.data_ptr(), query.stride(), keys, SCALE_TYPES[norms.dtype], batch, heads, rows,
+                            n_groups, dim, group, m, m_o, k, torch.get_num_threads(), out.data_ptr())  # fmt: skip
     if native.call("kvpack_qjl_key_scores", args):
         raise ValueError(f"outlier_idx holds channel indices outside [0, {dim}) (head_dim)")
     return out

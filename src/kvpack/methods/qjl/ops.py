@@ -40,15 +40,11 @@ def _qjl_decode(query, sketch, outlier_idx, signs, norms, outlier_signs, outlier
                             value_rows, value_fp, mask, scale)  # fmt: skip
 
 
-def _decode_fake(query, *args):
-    return torch.empty_like(query, dtype=torch.float32)
-
-
 qjl_decode = Kernel(
     "qjl_decode",
     "(Tensor query, Tensor sketch, Tensor outlier_idx, Tensor signs, Tensor norms, Tensor outlier_signs, "
     "Tensor outlier_norms, int key_rows, Tensor[] key_fp, Tensor value_codes, Tensor value_scale, "
     "Tensor value_zero, int value_rows, Tensor[] value_fp, Tensor? mask, float scale, int value_bits, "
     "int group_size) -> Tensor",
-    _qjl_decode, _decode_fake, cpu.check_qjl_decode, cpu.qjl_decode_cpu,
+    _qjl_decode, decode.fake, cpu.check_qjl_decode, cpu.qjl_decode_cpu,
 )  # fmt: skip

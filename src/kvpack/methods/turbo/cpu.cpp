@@ -379,7 +379,7 @@ void turbo_weighted_sum_impl(const float* w, const int64_t* w_s, const uint8_t* 
 // Turbo's decode policies (decode.h). Keys: codes (B, H, T, D * bits / 8) with strides codes_s[3] (last
 // contiguous), scale (B, H, T) with strides scale_s[3]; each item rotates its query rows once (q R^T,
 // rotation (D, D) row-major) and scores them by the lookup tables above.
-struct TurboKeys {
+struct TurboRows {
   const uint8_t* codes;
   const int64_t* codes_s;
   const void* scale;
@@ -388,7 +388,10 @@ struct TurboKeys {
   const float* codebook;
   const float* rotation;
   int D, bits;
-  int64_t unit;
+};
+
+struct TurboKeys : TurboRows {
+  int64_t unit = 1;
 
   struct Scratch {
     std::vector<float> rotated;     // (M, D)
@@ -417,16 +420,8 @@ struct TurboKeys {
 
 // Values: codes (B, H, T, D * bits / 8), scale (B, H, T) as for keys. The packed part is summed in the
 // rotated basis and rotated back once per row at the end (finish: out = packed R + fp).
-struct TurboValues {
+struct TurboValues : TurboRows {
   static constexpr bool kRotated = true;
-  const uint8_t* codes;
-  const int64_t* codes_s;
-  const void* scale;
-  const int64_t* scale_s;
-  int scale_type;
-  const float* codebook;
-  const float* rotation;
-  int D, bits;
 
   struct Scratch {
     std::vector<float> ws, sums;  // folded weights w * s_t (M, segment); block sums (M, D)
@@ -510,10 +505,10 @@ extern "C" {
 
 int kvpack_turbo_decode(const TurboDecodeArgs* a) {
   const int D = (int)a->common.head_dim, type = (int)a->scale_type;
-  const TurboKeys keys{a->key_codes, a->key_codes_strides, a->key_scale, a->key_scale_strides, type,
-                       a->key_codebook, a->key_rotation, D, (int)a->key_bits, 1};
-  const TurboValues values{a->value_codes, a->value_codes_strides, a->value_scale, a->value_scale_strides, type,
-                           a->value_codebook, a->value_rotation, D, (int)a->value_bits};
+  const TurboKeys keys{{a->key_codes, a->key_codes_strides, a->key_scale, a->key_scale_strides, type, a->key_codebook,
+                        a->key_rotation, D, (int)a->key_bits}};
+  const TurboValues values{{a->value_codes, a->value_codes_strides, a->value_scale, a->value_scale_strides, type,
+                            a->value_codebook, a->value_rotation, D, (int)a->value_bits}};
   decode_attention(a->common, keys, values);
   return 0;
 }

@@ -43,14 +43,10 @@ def _turbo_decode(query, key_codes, key_scale, key_rotation, key_codebook, key_r
                             scale)  # fmt: skip
 
 
-def _decode_fake(query, *args):
-    return torch.empty_like(query, dtype=torch.float32)
-
-
 turbo_decode = Kernel(
     "turbo_decode",
     "(Tensor query, Tensor key_codes, Tensor key_scale, Tensor key_rotation, Tensor key_codebook, int key_rows, "
     "Tensor[] key_fp, Tensor value_codes, Tensor value_scale, Tensor value_rotation, Tensor value_codebook, "
     "int value_rows, Tensor[] value_fp, Tensor? mask, float scale, int key_bits, int value_bits) -> Tensor",
-    _turbo_decode, _decode_fake, cpu.check_turbo_decode, cpu.turbo_decode_cpu,
+    _turbo_decode, decode.fake, cpu.check_turbo_decode, cpu.turbo_decode_cpu,
 )  # fmt: skip
