@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import kvpack
+from kvpack.methods import turbo as turbo_module
 from kvpack.methods.turbo import _Codec, gaussian_codebook, random_rotation
 
 
@@ -103,6 +104,9 @@ def test_nearest_centroid_matches_bucketize_ties_included(bits):
     ties = codec.bounds[:16]
     unit[0, : len(ties)] = ties  # exactly on a boundary: the lower cell, as bucketize
     assert torch.equal(codec._nearest(unit), torch.bucketize(unit, codec.bounds).to(torch.uint8))
+    small = unit[:1, :32]  # a decode step's size: the broadcast comparison, same codes
+    assert small.numel() <= turbo_module._BROADCAST_NEAREST < unit.numel()
+    assert torch.equal(codec._nearest(small), torch.bucketize(small, codec.bounds).to(torch.uint8))
 
 
 def test_head_dims_whose_codes_do_not_fill_whole_bytes_are_refused_at_the_first_append():

@@ -117,6 +117,10 @@ class TurboConfig(MethodConfig):
         check_bool("check_finite", self.check_finite)
 
 
+#: Inputs of at most this many coordinates (a decode step's tokens) find their cells in one broadcast compare.
+_BROADCAST_NEAREST = 4096
+
+
 class _Codec:
     """Per-token rotated codebook quantization shared by the key and value formats."""
 
@@ -153,10 +157,14 @@ class _Codec:
         """Index of the nearest centroid, uint8: the number of cell boundaries below each coordinate.
 
         Up to 4 bits, 2**bits - 1 vectorized comparisons beat ``torch.bucketize``'s per-element binary search
-        (4.6x at 2 bits, 1.5x at 4 bits on the CPU measured); both give the same codes, ties included.
+        (4.6x at 2 bits, 1.5x at 4 bits on the CPU measured); both give the same codes, ties included. A
+        decode step's few tokens take one broadcast comparison against every bound instead (one op rather
+        than 2 * (2**bits - 1): 8.6 us against 25 us for a token of 3 heads at 2 bits).
         """
         if self.bits > 4:
             return torch.bucketize(unit, self.bounds).to(torch.uint8)
+        if unit.numel() <= _BROADCAST_NEAREST:
+            return (unit.unsqueeze(-1) > self.bounds).sum(-1, dtype=torch.uint8)
         codes = torch.zeros(unit.shape, dtype=torch.uint8, device=unit.device)
         for bound in self.bounds.tolist():
             codes += unit > bound
