@@ -254,7 +254,7 @@ class Store:
         return self.num_quantized + self.fp.length
 
     def append(self, x: torch.Tensor) -> None:
-        self.pending = None
+        self.pending = None  # before fp.append: a compaction may overwrite what the view reads
         before = self.fp.length
         self.fp.append(x)
         self.flush(before)
@@ -312,17 +312,6 @@ class Store:
         parts = [self.format.scores(query, self.row_views(n_rows))] if n_rows else []
         parts += [query @ k.float().transpose(-1, -2) for k in fp]
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-
-    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
-        """``weights`` (B, H, M, T) float32 -> sum_t weights[..., t] * v_t, (B, H, M, D) float32."""
-        n_rows, fp = self.split()
-        start = n_rows * self.format.unit
-        out = self.format.weighted_sum(weights[..., :start], self.row_views(n_rows)) if n_rows else None
-        for v in fp:
-            part = weights[..., start : start + v.shape[2]] @ v.float()
-            out = part if out is None else out + part
-            start += v.shape[2]
-        return out
 
     def materialize(self) -> torch.Tensor:
         """What attention reads this step (pending tokens in fp), (B, H, T, D) float32."""
@@ -608,17 +597,17 @@ class CompressedLayer:
             )
 
     def _group_query(self, query: torch.Tensor) -> torch.Tensor:
-        """(B, H_q, T_q, D) -> (B, H_kv, rep * T_q, D) float32; query head h reads kv head h // rep."""
-        self._check_query(query)
+        """(B, H_q, T_q, D), already checked -> (B, H_kv, rep * T_q, D) float32; query head h reads kv head
+        h // rep."""
         batch, heads_q, t_q, dim = query.shape
         heads_kv = self._shape[1]
         return query.float().reshape(batch, heads_kv, (heads_q // heads_kv) * t_q, dim)
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """Unscaled q.k over the attended keys: (B, H_q, T_q, D) -> (B, H_q, T_q, T_total) float32."""
-        grouped = self._group_query(query)
+        self._check_query(query)
         batch, heads_q, t_q, _ = query.shape
-        return self.keys.scores(grouped).reshape(batch, heads_q, t_q, -1)
+        return self.keys.scores(self._group_query(query)).reshape(batch, heads_q, t_q, -1)
 
     def attend(
         self,
@@ -647,10 +636,8 @@ class CompressedLayer:
         scale = dim**-0.5 if scale is None else scale
         if t_q >= SDPA_MIN_QUERIES:
             return self._attend_materialized(query, scale, attention_mask)
-        heads_kv = self._shape[1]
-        grouped = query.float().reshape(batch, heads_kv, (heads_q // heads_kv) * t_q, dim)
         mask = self._grouped_mask(attention_mask, query, self.num_tokens)
-        out = self._decode(grouped, mask, scale)  # (B, H_kv, rep * T_q, D) float32
+        out = self._decode(self._group_query(query), mask, scale)  # (B, H_kv, rep * T_q, D) float32
         return out.reshape(batch, heads_q, t_q, dim).to(query.dtype)
 
     def _grouped_mask(self, attention_mask, query: torch.Tensor, total: int) -> torch.Tensor | None:

@@ -103,11 +103,16 @@ def _declare(lib: ctypes.CDLL, name: str, args: type[ctypes.Structure]) -> None:
 
 def call(name: str, args: ctypes.Structure) -> int:
     """Run entry point ``name`` on ``args`` (a filled instance of its struct); returns its int result."""
-    fn = _FUNCTIONS.get(name)  # the hot path: no lock once loaded
+    return _entry_point(_FUNCTIONS, name)(ctypes.byref(args))
+
+
+def _entry_point(table: dict, name: str):
+    """The declared function ``name`` of ``table`` (the hot path: no lock once the library is loaded)."""
+    fn = table.get(name)
     if fn is None:
         load()
-        fn = _FUNCTIONS[name]
-    return fn(ctypes.byref(args))
+        fn = table[name]
+    return fn
 
 
 def call_flat(name: str, fields: list) -> int:
@@ -120,10 +125,7 @@ def call_flat(name: str, fields: list) -> int:
         size = _SIZES[name] = ctypes.sizeof(_ENTRIES[name])
     if len(fields) * 8 != size:
         raise RuntimeError(f"{name}: {len(fields)} fields given for a {size}-byte argument struct")
-    fn = _FLAT.get(name)
-    if fn is None:
-        load()
-        fn = _FLAT[name]
+    fn = _entry_point(_FLAT, name)
     packed = array.array("q", fields)  # ~1 us; a ctypes array of 60 ints costs ~6 us to build
     return fn(packed.buffer_info()[0])  # `packed` lives until the call returns
 

@@ -213,14 +213,13 @@ int qjl_key_scores_impl(const float* q, const int64_t* q_s, const QjlKeys& keys,
   const int64_t items = B * keys.H * blocks;
   const int64_t out_row = N * G;
   const double work = (double)B * keys.H * M * N * G * (keys.m + keys.m_o) / 8;
-  const QjlKeys::Scratch scratch(keys, M, keys.D);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && work > 2e5)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t bh = it / blocks, blk = it % blocks, b = bh / keys.H, h = bh % keys.H;
     const int64_t n0 = blk * per_block, n1 = std::min(N, n0 + per_block);
-    QjlKeys::Scratch local = scratch;
+    QjlKeys::Scratch scratch(keys, M, keys.D);
     keys.scores(b, h, q + b * q_s[0] + h * q_s[1], q_s[2], M, n0 * G, n1 * G, out + bh * M * out_row + n0 * G,
-                out_row, local);
+                out_row, scratch);
   }
   return *keys.bad;
 }
