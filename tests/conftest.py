@@ -12,10 +12,16 @@ cache, and ``fused_and_compat_logits``, kvpack's two attention paths over identi
 from __future__ import annotations
 
 import importlib.util
+import os
 import zlib
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter (tests/kernels/test_triton.py);
+# it is chosen when a kernel is defined, so before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,10 @@ from __future__ import annotations
 import torch
 
 import kvpack  # noqa: F401  (registers every method's kernels)
-from kvpack import kernels, make_layer
+from kvpack import KIVIConfig, QJLConfig, TurboConfig, kernels, make_layer
+
+#: Absolute slack of the 2x rule (:func:`assert_close_to_exact`).
+ATOL = 1e-5
 
 
 class _Namespace:
@@ -51,3 +54,47 @@ def to_meta(a):
     if isinstance(a, list):
         return [to_meta(x) for x in a]
     return a.to("meta") if isinstance(a, torch.Tensor) else a
+
+
+def assert_close_to_exact(fast, ref, exact):
+    """|fast - exact| <= 2 |ref - exact| (worst case over the tensor) + ATOL: a kernel within twice the
+    reference's own error of the exact result (flash-attention's rule)."""
+    assert fast.shape == ref.shape == exact.shape
+    assert fast.dtype == torch.float32
+    ref_err = (ref.double() - exact).abs().max().item()
+    fast_err = (fast.double() - exact).abs().max().item()
+    assert fast_err <= 2 * ref_err + ATOL, f"fast error {fast_err:.3g} vs reference error {ref_err:.3g}"
+
+
+# --- the fused decode step ---------------------------------------------------------------------------------
+DECODE_CONFIGS = [
+    KIVIConfig(residual_length=32),
+    KIVIConfig(key_bits=4, value_bits=8, group_size=16, residual_length=32, scale_dtype="bfloat16"),
+    QJLConfig(residual_length=32),
+    QJLConfig(outlier_channels=0, residual_length=32, scale_dtype="float32"),
+    TurboConfig(residual_length=32),
+    TurboConfig(key_bits=4, value_bits=1, group_size=16, residual_length=32),
+]
+DECODE_IDS = ("kivi2", "kivi4-8-g16-bf16", "qjl", "qjl-plain-f32", "turbo", "turbo4-1-g16")
+
+
+def exact_attention(layer, query, mask, scale):
+    """float64 attention over what the step reads (layer.materialize), GQA, an additive or bool mask."""
+    keys, values = (x.double() for x in layer.materialize())
+    rep = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+    scores = query.double() @ keys.transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    return (torch.softmax(scores, -1).nan_to_num(0.0) @ values).float()
+
+
+def decode_layer(config, batch, tokens, dtype=torch.float32, steps=3, seed=0, dim=64, device="cpu"):
+    """A layer (3 kv heads) after a ``tokens``-token prompt and ``steps`` decode appends (the last may leave a
+    pending flush); the same draws on every device."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = make_layer(config)
+    layer.append(*(torch.randn(batch, 3, tokens, dim, generator=gen).to(device, dtype) for _ in range(2)))
+    for _ in range(steps):
+        layer.append(*(torch.randn(batch, 3, 1, dim, generator=gen).to(device, dtype) for _ in range(2)))
+    return layer

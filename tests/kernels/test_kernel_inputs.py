@@ -48,12 +48,11 @@ from kvpack.kernels import KernelUnavailableError, native
 from kvpack.methods.turbo import _Codec, random_rotation
 from kvpack.primitives import unpack_bits
 
-from kernel_helpers import decode_sample, dispatch, fast, reference, to_meta
+from kernel_helpers import assert_close_to_exact, decode_sample, dispatch, fast, reference, to_meta
 
 # The reference's own warning for a sketch whose rank a mutation changed.
 pytestmark = pytest.mark.filterwarnings("ignore:The use of `x.T` on tensors:UserWarning")
 
-ATOL = 1e-5
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ANY_DTYPES = (*FLOATS, torch.uint8, torch.int64)
@@ -128,17 +127,6 @@ def assert_unchanged(args, before, name):
     for i, (a, bits) in enumerate(zip(args, before)):
         if bits is not None:
             assert torch.equal(_bits(a), bits), f"{name} wrote to its input {i}"
-
-
-def assert_close_to_exact(fast, ref, exact):
-    """|fast - exact| <= 2 |ref - exact| (worst case over the tensor) + ATOL, as in tests/kernels/test_kernels.py."""
-    assert fast.dtype == torch.float32, fast.dtype
-    assert fast.shape == ref.shape == exact.shape, (fast.shape, ref.shape, exact.shape)
-    if exact.numel() == 0:
-        return
-    ref_err = (ref.double() - exact).abs().max().item()
-    fast_err = (fast.double() - exact).abs().max().item()
-    assert fast_err <= 2 * ref_err + ATOL, f"fast error {fast_err:.3g} vs reference error {ref_err:.3g}"
 
 
 def attempt(fn, args):

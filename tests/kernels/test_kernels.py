@@ -17,11 +17,20 @@ from kvpack.kernels import native
 from kvpack.methods.turbo import _Codec, random_rotation
 from kvpack.primitives import dequantize_affine, pack_bits, quantize_affine, unpack_bits
 
-from kernel_helpers import decode_sample, dispatch, reference, to_meta
+from kernel_helpers import (
+    DECODE_CONFIGS,
+    DECODE_IDS,
+    assert_close_to_exact,
+    decode_layer,
+    decode_sample,
+    dispatch,
+    exact_attention,
+    reference,
+    to_meta,
+)
 from kernel_helpers import fast as cpu  # the fast CPU kernel of each op, forced
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ATOL = 1e-5
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,15 +38,6 @@ def fast_library():
     if native._compiler() is None:
         pytest.skip("no C++ compiler: the fast kernels cannot be built here")
     native.load()  # a build failure fails the tests
-
-
-def assert_close_to_exact(fast, ref, exact):
-    """|fast - exact| <= 2 |ref - exact| (worst case over the tensor) + ATOL."""
-    assert fast.shape == ref.shape == exact.shape
-    assert fast.dtype == torch.float32
-    ref_err = (ref.double() - exact).abs().max().item()
-    fast_err = (fast.double() - exact).abs().max().item()
-    assert fast_err <= 2 * ref_err + ATOL, f"fast error {fast_err:.3g} vs reference error {ref_err:.3g}"
 
 
 def strided(x: torch.Tensor, extra: int = 3) -> torch.Tensor:
@@ -406,38 +406,6 @@ def check_attend_fast_matches_reference(config, q_heads, batch=2, check_every=11
 
 
 # --- the fused decode step (one C++ call per layer: kernels/csrc/decode.h) --------------------------------
-DECODE_CONFIGS = [
-    KIVIConfig(residual_length=32),
-    KIVIConfig(key_bits=4, value_bits=8, group_size=16, residual_length=32, scale_dtype="bfloat16"),
-    QJLConfig(residual_length=32),
-    QJLConfig(outlier_channels=0, residual_length=32, scale_dtype="float32"),
-    TurboConfig(residual_length=32),
-    TurboConfig(key_bits=4, value_bits=1, group_size=16, residual_length=32),
-]
-DECODE_IDS = ("kivi2", "kivi4-8-g16-bf16", "qjl", "qjl-plain-f32", "turbo", "turbo4-1-g16")
-
-
-def exact_attention(layer, query, mask, scale):
-    """float64 attention over what the step reads (layer.materialize), GQA, an additive or bool mask."""
-    keys, values = (x.double() for x in layer.materialize())
-    rep = query.shape[1] // keys.shape[1]
-    keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-    scores = query.double() @ keys.transpose(-1, -2) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
-    return (torch.softmax(scores, -1).nan_to_num(0.0) @ values).float()
-
-
-def decode_layer(config, batch, tokens, dtype=torch.float32, steps=3, seed=0):
-    """A layer after a ``tokens``-token prompt and ``steps`` decode appends (the last may leave a pending flush)."""
-    gen = torch.Generator().manual_seed(seed)
-    layer = make_layer(config)
-    layer.append(*(torch.randn(batch, 3, tokens, 64, generator=gen).to(dtype) for _ in range(2)))
-    for _ in range(steps):
-        layer.append(*(torch.randn(batch, 3, 1, 64, generator=gen).to(dtype) for _ in range(2)))
-    return layer
-
-
 @pytest.mark.parametrize("config", DECODE_CONFIGS, ids=DECODE_IDS)
 @pytest.mark.parametrize("store_dtype", (torch.float32, torch.bfloat16), ids=("f32", "bf16"))
 @pytest.mark.parametrize("queries", (1, 3))

@@ -7,12 +7,15 @@ the check of what that kernel trusts. Each becomes the op ``torch.ops.kvpack.<na
 
 * ``CompositeExplicitAutograd``: the reference (any device);
 * ``CPU``: the fast kernel when the backend policy allows it, else the reference;
+* ``CUDA``: the Triton kernel (``methods/<name>/triton.py``, imported on first use) when the backend policy
+  allows it and Triton is installed, else the reference;
 * ``Meta``: the fake.
 
-A GPU kernel registers for ``CUDA`` the same way. The backend is chosen by, innermost first, the context
-manager :func:`use`, the environment variable ``KVPACK_KERNELS``, else ``"auto"``:
+The backend is chosen by, innermost first, the context manager :func:`use`, the environment variable
+``KVPACK_KERNELS``, else ``"auto"``:
 
-* ``"auto"``: the fast kernel where it can run, else the reference (one logged warning per reason);
+* ``"auto"``: the fast kernel (C++ on CPU, Triton on CUDA) where it can run, else the reference (one logged
+  warning per reason);
 * ``"fast"``: the fast kernel or :class:`KernelUnavailableError` (nothing falls back silently);
 * ``"reference"``: always the reference (the oracle the tests compare against).
 
@@ -25,13 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import logging
 import os
 from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["BACKENDS", "Kernel", "KernelUnavailableError", "backend", "registered", "use"]
+__all__ = ["BACKENDS", "Kernel", "KernelUnavailableError", "backend", "registered", "triton_kernel", "use"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,17 +98,25 @@ class Kernel:
         check: for the fast CPU kernel: raises ``TypeError``/``ValueError`` for malformed input, returns why
             well-formed input cannot run fast (another device or dtype), or None.
         cpu: the fast CPU implementation; it may assume ``check`` returned None.
+        gpu: ``(gpu_check, gpu)`` of the Triton kernel, two callables that import Triton on first use:
+            ``gpu_check`` returns why well-formed input (``check`` ran first) cannot take the Triton kernel, or
+            None; ``gpu`` runs it. Any tensor device Triton runs on (CUDA; CPU under ``TRITON_INTERPRET=1``,
+            which the tests use through :attr:`gpu` directly).
     """
 
     def __init__(self, name: str, schema: str, reference: Callable, fake: Callable,
-                 check: Callable | None = None, cpu: Callable | None = None) -> None:  # fmt: skip
+                 check: Callable | None = None, cpu: Callable | None = None,
+                 gpu: tuple[Callable, Callable] | None = None) -> None:  # fmt: skip
         if name in _KERNELS:
             raise ValueError(f"kernel {name!r} is registered twice")
         self.name, self.reference, self.fake, self.check, self.cpu = name, reference, fake, check, cpu
+        self.gpu_check, self.gpu = gpu if gpu is not None else (None, None)
         _LIBRARY.define(name + schema)
         _LIBRARY.impl(name, self._default, "CompositeExplicitAutograd")
         if cpu is not None:
             _LIBRARY.impl(name, self._cpu, "CPU")
+        if self.gpu is not None:
+            _LIBRARY.impl(name, self._cuda, "CUDA")
         torch.library.register_fake(f"kvpack::{name}", self._fake, lib=_LIBRARY)
         self.op = getattr(torch.ops.kvpack, name).default
         _KERNELS[name] = self
@@ -135,6 +147,24 @@ class Kernel:
         reason = native.available() or self.check(*args)  # the check raises for malformed arguments
         if reason is None:
             return self.cpu
+        return self._fall_back(name, reason)
+
+    def gpu_or_none(self, *args) -> Callable | None:
+        """The Triton implementation for these (CUDA) arguments under the backend policy, or None (the
+        reference)."""
+        name = backend()
+        if self.check is not None:
+            self.check(*args)  # malformed input raises the same clear error on every device and policy
+        if name == "reference":
+            return None
+        from . import gpu
+
+        reason = gpu.available() or self.gpu_check(*args)
+        if reason is None:
+            return self.gpu
+        return self._fall_back(name, reason)
+
+    def _fall_back(self, name: str, reason: str) -> None:
         if name == "fast":
             raise KernelUnavailableError(f"{self.name}: the fast kernel backend was requested but cannot run: {reason}")
         if (self.name, reason) not in _warned:
@@ -146,6 +176,13 @@ class Kernel:
         fast = self.fast_or_none(*args)
         if fast is None:
             _one_device(self.name, args)  # the fast path's check has already seen every tensor on the CPU
+            return self.reference(*args)
+        return fast(*args)
+
+    def _cuda(self, *args):
+        fast = self.gpu_or_none(*args)
+        if fast is None:
+            _one_device(self.name, args)
             return self.reference(*args)
         return fast(*args)
 
@@ -164,7 +201,7 @@ class Kernel:
         return self.fake(*args)
 
     def __repr__(self) -> str:
-        return f"Kernel(kvpack::{self.name}, fast CPU kernel: {self.cpu is not None})"
+        return f"Kernel(kvpack::{self.name}, CPU kernel: {self.cpu is not None}, Triton kernel: {self.gpu is not None})"
 
 
 def _one_device(name: str, args) -> None:
@@ -174,6 +211,19 @@ def _one_device(name: str, args) -> None:
     devices |= {x.device for a in args if isinstance(a, (list, tuple)) for x in a if isinstance(x, torch.Tensor)}
     if len(devices) > 1:
         raise ValueError(f"{name}: the tensors are on several devices: {sorted(map(str, devices))}")
+
+
+def triton_kernel(module: str, name: str) -> tuple[Callable, Callable]:
+    """A :class:`Kernel`'s ``gpu`` pair: ``module``'s ``<name>_reason`` and ``<name>``, the module imported at
+    the first call (it imports Triton; importing kvpack must not)."""
+
+    def attribute(attr: str) -> Callable:
+        def call(*args):
+            return getattr(importlib.import_module(module), attr)(*args)
+
+        return call
+
+    return attribute(name + "_reason"), attribute(name)
 
 
 def registered() -> dict[str, Kernel]:

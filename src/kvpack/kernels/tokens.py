@@ -37,7 +37,7 @@ def append_tokens(keys, values, key_buffer, key_end: int, value_buffer, value_en
     written, anything else that neither was.
     """
     dtype = keys.dtype
-    if (backend() == "reference" or native.available() or dtype not in SCALE_TYPES or not keys.is_cpu or key_buffer.dtype != dtype
+    if (not keys.is_cpu or backend() == "reference" or native.available() or dtype not in SCALE_TYPES or key_buffer.dtype != dtype
             or value_buffer.dtype != dtype or not value_buffer.is_cpu):  # fmt: skip
         return None
     batch, heads, tokens, dim = keys.shape

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels import Kernel, decode
+from ...kernels import Kernel, decode, triton_kernel
 from . import cpu, reference
 
 __all__ = ["kivi_decode", "kivi_key_scores", "quantize_pack_key_groups", "quantize_pack_tokens", "value_weighted_sum"]
@@ -72,4 +72,5 @@ kivi_decode = Kernel(
     "Tensor value_codes, Tensor value_scale, Tensor value_zero, int value_rows, Tensor[] value_fp, Tensor? mask, "
     "float scale, int key_bits, int value_bits, int group_size) -> Tensor",
     _kivi_decode, decode.fake, cpu.check_kivi_decode, cpu.kivi_decode_cpu,
+    triton_kernel(__package__ + ".triton", "kivi_decode"),
 )  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels import Kernel, decode
+from ...kernels import Kernel, decode, triton_kernel
 from ..kivi.ops import value_weighted_sum
 from . import cpu, reference
 
@@ -47,4 +47,5 @@ qjl_decode = Kernel(
     "Tensor value_zero, int value_rows, Tensor[] value_fp, Tensor? mask, float scale, int value_bits, "
     "int group_size) -> Tensor",
     _qjl_decode, decode.fake, cpu.check_qjl_decode, cpu.qjl_decode_cpu,
+    triton_kernel(__package__ + ".triton", "qjl_decode"),
 )  # fmt: skip

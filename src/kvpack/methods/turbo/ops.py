@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels import Kernel, decode
+from ...kernels import Kernel, decode, triton_kernel
 from . import cpu, reference
 
 __all__ = ["turbo_decode", "turbo_key_scores", "turbo_weighted_sum"]
@@ -49,4 +49,5 @@ turbo_decode = Kernel(
     "Tensor[] key_fp, Tensor value_codes, Tensor value_scale, Tensor value_rotation, Tensor value_codebook, "
     "int value_rows, Tensor[] value_fp, Tensor? mask, float scale, int key_bits, int value_bits) -> Tensor",
     _turbo_decode, decode.fake, cpu.check_turbo_decode, cpu.turbo_decode_cpu,
+    triton_kernel(__package__ + ".triton", "turbo_decode"),
 )  # fmt: skip
