@@ -293,17 +293,22 @@ def _cache_factories(model, names=None):
 
     ``names``: the subset to build (default all of :func:`generate_methods` that can run here).
     """
-    unknown = set(names or ()) - set(generate_methods())
+    # the uncompressed row is named for the model's dtype ("fp32 DynamicCache", "bf16 DynamicCache")
+    unknown = {name for name in names or () if name not in generate_methods() and not name.endswith(" DynamicCache")}
     if unknown:
         raise SystemExit(f"unknown --gen-methods {sorted(unknown)}; choose from {generate_methods()}")
     factories = _all_cache_factories(model)
     return {name: f for name, f in factories.items() if names is None or name in names}
 
 
+_SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 def _all_cache_factories(model):
     import kvpack
 
-    factories = {"fp32 DynamicCache": (None, False)}
+    dtype = str(model.dtype).removeprefix("torch.")
+    factories = {f"{_SHORT_DTYPES.get(dtype, dtype)} DynamicCache": (None, False)}
     for name, config in kvpack_configs().items():
         factories[name] = (lambda config=config: kvpack.make_cache(model, config), True)
     factories["compat KIVI-2"] = (lambda: kvpack.make_cache(model, kvpack.KIVIConfig()), False)
@@ -324,11 +329,14 @@ def _prefilled_kv(model, context, seed):
     from kvpack.hf import runtime
 
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=gen)
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=gen).to(model.device)
     with torch.inference_mode():
         cache, logits = runtime.forward(model, ids, runtime.dynamic_cache(model), logits_to_keep=1)
     kv = [(layer.keys, layer.values) for layer in cache.layers]
     return kv, logits[:, -1].argmax(-1)
+
+
+_FILL_CHUNK = 8192
 
 
 def _filled_cache(factory, model, kv, batch):
@@ -337,7 +345,9 @@ def _filled_cache(factory, model, kv, batch):
 
     cache = runtime.dynamic_cache(model) if factory is None else factory()
     for idx, (k, v) in enumerate(kv):
-        cache.update(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous(), idx)
+        for start in range(0, k.shape[2], _FILL_CHUNK):  # chunks bound the batch-wide fp copies and temporaries
+            keys, values = (x[:, :, start : start + _FILL_CHUNK].expand(batch, -1, -1, -1) for x in (k, v))
+            cache.update(keys.contiguous(), values.contiguous(), idx)
     return cache
 
 
@@ -348,11 +358,14 @@ def _decode(model, cache, token, batch, steps):
     from kvpack.hf import runtime
 
     ids = token.expand(batch).reshape(batch, 1)
+    synchronize = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(steps):
             cache, logits = runtime.forward(model, ids, cache, logits_to_keep=1)
             ids = logits[:, -1:].argmax(-1)
+    synchronize()
     return time.perf_counter() - start
 
 

@@ -32,20 +32,32 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gen-batch", type=int, nargs="+", default=[1, 4, 8], help="generate batch sweep")
     parser.add_argument("--gen-tokens", type=int, default=8, help="tokens decoded per generate run (default 8)")
     parser.add_argument("--gen-methods", nargs="+", help="generate/prefill rows (default all)")
-    parser.add_argument("--memory-budget-gb", type=float, default=0.5,
-                        help="KV cache budget for the largest-batch column (default 0.5)")  # fmt: skip
+    parser.add_argument("--memory-budget-gb", type=float,
+                        help="KV cache budget for the largest-batch column (default 0.5; 40 with --device cuda)")  # fmt: skip
     parser.add_argument("--prefill-context", type=int, nargs="+", default=[1024, 2048], help="prefill lengths")
     parser.add_argument("--out", default="bench-out", help="output folder for bench.json and bench.png")
     parser.add_argument("--threads", type=int, help="torch (and kernel) threads (default: torch's default)")
     parser.add_argument("--busy", type=int, default=0,
                         help="keep N other processes spinning while it runs: decode on a busy machine (default 0)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    gpu = parser.add_argument_group("GPU (--device cuda): kvpack's Triton kernels against SDPA; see kvpack.bench.gpu")
+    gpu.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    gpu.add_argument("--heads", type=int, default=32, help="query heads of the attention layer (default 32)")
+    gpu.add_argument("--kv-heads", type=int, default=8, help="kv heads (default 8: a Llama-3-8B layer)")
+    gpu.add_argument("--head-dim", type=int, default=128, help="head_dim (default 128)")
+    gpu.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="model dtype (default bf16)")
+    gpu.add_argument("--model-shape", default="llama3-8b",
+                     help="random model of the generate part (default llama3-8b; see kvpack.bench.gpu)")  # fmt: skip
 
 
 def run(args) -> int:
     import torch
 
     torch.manual_seed(args.seed)
+    if args.memory_budget_gb is None:
+        args.memory_budget_gb = 40.0 if args.device == "cuda" else 0.5
+    if args.device == "cuda":
+        return _run_gpu(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
@@ -133,3 +145,49 @@ def _spin(n: int) -> list:
     if n < 0:
         raise SystemExit(f"--busy must be >= 0, got {n}")
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def _run_gpu(args) -> int:
+    """``--device cuda``: the GPU parts (:mod:`kvpack.bench.gpu`), written as bench.json and bench.md."""
+    import torch
+
+    from kvpack.bench import gpu
+    from kvpack.kernels import gpu as triton_status
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible here (torch.cuda.is_available() is False)")
+    if reason := triton_status.available():
+        print(f"warning: {reason}: kvpack's rows run the pure-torch reference")
+    device = torch.device("cuda")
+    properties = torch.cuda.get_device_properties(device)
+    import triton
+
+    info = {"gpu": properties.name, "memory_gb": properties.total_memory / 1e9, "sms": properties.multi_processor_count,
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}  # fmt: skip
+    print(f"machine: {info['gpu']} ({info['memory_gb']:.0f} GB, {info['sms']} SMs), torch {info['torch']}, "
+          f"triton {info['triton']}, CUDA {info['cuda']}")  # fmt: skip
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if "attention" in args.parts:
+        rows += gpu.run_attention(args, device)
+    if "generate" in args.parts:
+        from kvpack.bench import run_generate
+
+        model = gpu.random_model(args.model_shape, args.dtype, device)
+        torch.set_grad_enabled(False)
+        print(f"\nrandom {args.model_shape} model ({sum(p.numel() for p in model.parameters()) / 1e9:.1f}B parameters, "
+              f"{args.dtype}) for the generate part")  # fmt: skip
+        rows += run_generate(args, model)
+        del model
+    if "prefill" in args.parts:
+        print("(prefill is not measured with --device cuda)")
+    (out_dir / "bench.json").write_text(json.dumps({"machine": info, "args": vars(args) | {"_run": None}, "rows": rows},
+                                                   indent=1, default=str))  # fmt: skip
+    (out_dir / "bench.md").write_text(gpu.markdown(rows, info))
+    note = gpu.plot(rows, out_dir / "bench.png")
+    print(
+        f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}"
+        + (f"; {note}" if note else f", {out_dir / 'bench.png'}")
+    )
+    return 0

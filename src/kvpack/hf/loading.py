@@ -315,3 +315,28 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device=device, dtype=dtype).eval()
     return model, tokenizer
+
+
+def random_llama(shape: dict, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+    """A randomly initialised Llama-architecture causal LM (no download, no tokenizer): for speed
+    measurements, which do not depend on the weights.
+
+    Args:
+        shape: ``LlamaConfig`` fields (hidden_size, num_hidden_layers, num_attention_heads,
+            num_key_value_heads, head_dim, intermediate_size, vocab_size, ...).
+        dtype, device: the weights are created there, in that dtype (drawn on the device: seconds even at
+            8B parameters on a GPU).
+
+    Returns:
+        The model in eval mode.
+    """
+    transformers = _import_transformers()
+    config = transformers.LlamaConfig(**shape)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()

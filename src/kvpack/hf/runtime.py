@@ -106,10 +106,14 @@ def cache_nbytes(cache) -> int:
     nbytes = getattr(cache, "nbytes", None)
     if callable(nbytes):
         return nbytes()
+    return sum(layer_nbytes(layer) for layer in cache.layers)
+
+
+def layer_nbytes(layer) -> int:
+    """Bytes one transformers cache layer holds: its fp tensors and its quantized stores' parts."""
     total = 0
-    for layer in cache.layers:
-        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
-            total += sum(t.numel() * t.element_size() for t in _tensor_parts(getattr(layer, name, None)))
+    for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
+        total += sum(t.numel() * t.element_size() for t in _tensor_parts(getattr(layer, name, None)))
     return total
 
 

@@ -200,18 +200,19 @@ def common_head(query, mask, key_fp, value_fp) -> list:
 
 
 def launch(kernel, query, mask, key_fp, value_fp, key_quantized: int, value_quantized: int, scale: float,
-           method_args: list, block_n: int, **constexprs) -> torch.Tensor:  # fmt: skip
-    """Run ``kernel`` over the grid and merge its splits: (B, H, M, D) float32 rows, not yet rotated back.
+           method_args: list, block_n: int, dot: tuple[int, bool] | None = None, **constexprs) -> torch.Tensor:  # fmt: skip
+    """Run ``kernel`` over the grid and merge its splits: (B, H, M, D) float32 rows.
 
     ``query`` (B, H, M, D) float32, ``mask`` None or (B, H, M, T) additive; the fp chunks (B, H, L, D) of one
-    dtype; ``method_args`` the kernel's own arguments; ``block_n`` its tile (key group) size."""
+    dtype per side; ``method_args`` the kernel's own arguments; ``block_n`` its tile (key group) size;
+    ``dot`` the products' dtype (default :func:`dot_type` of the fp chunks)."""
     batch, heads, rows, dim = query.shape
     tokens = value_quantized + sum(v.shape[2] for v in value_fp)
     if query.stride(-1) != 1:
         query = query.contiguous()
     if mask is not None and (mask.dtype != torch.float32 or mask.stride(-1) != 1):
         mask = mask.float().contiguous()
-    dot_code, emulate = dot_type(key_fp, value_fp)
+    dot_code, emulate = dot or dot_type(key_fp, value_fp)
     block_m = max(16, triton.next_power_of_2(min(rows, 64)))
     m_blocks = -(-rows // block_m)
     chunk = chunk_tokens(batch * heads * m_blocks, tokens, block_n, _programs(query.device))

@@ -2,9 +2,9 @@
 
 The query is rotated once per step (``q @ R_k^T``, one matmul before the launch); a packed key tile is
 ``scale_t * codebook[codes]`` (a gather from the 2**bits centroids) against that rotated query, an fp key
-against the plain query. P.V accumulates in the value rotation's basis: packed values as they are, fp values
-rotated on the way in (``v @ R_v^T``, only in the tiles past the packed rows), and the result is rotated
-back once (``@ R_v``) after the merge. Shared driver: :mod:`kvpack.kernels.triton_decode`.
+against the plain query. P.V accumulates in the value rotation's basis: packed values as they are, the fp
+window rotated before the launch (``v @ R_v^T``: at most 2R tokens, one small matmul, so the kernel holds no
+(D, D) tile), and the result is rotated back once (``@ R_v``) after the merge. Shared driver: :mod:`kvpack.kernels.triton_decode`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _turbo_decode(
     kf0, kf0_sb, kf0_sh, kf0_sl, kf0_n, kf1, kf1_sb, kf1_sh, kf1_sl, kf1_n,
     vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n,
     qr, kc, kc_sb, kc_sh, kc_st, ks, ks_sb, ks_sh, ks_st, kbook,
-    vc, vc_sb, vc_sh, vc_st, vs, vs_sb, vs_sh, vs_st, vbook, vrot,
+    vc, vc_sb, vc_sh, vc_st, vs, vs_sb, vs_sh, vs_st, vbook,
     out, part_m, part_l, H, M, KQ, VQ, T, CHUNK, splits, scale2,
     D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
     EMULATE: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
@@ -79,11 +79,9 @@ def _turbo_decode(
                                       t - KQ, od)  # fmt: skip
                 s = driver.dot(query, tl.trans(keys), 0, False)
             packed = codebook_rows(vc, vc_sb, vc_sh, vc_st, vs, vs_sb, vs_sh, vs_st, vbook, b, h, t, t < VQ, od, VB)
-            fp = driver.fp_rows(
+            fp = driver.fp_rows(  # the window, rotated before the launch
                 vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n, b, h, t - VQ, od
             )
-            rotation_t = tl.load(vrot + od[None, :] * D + od[:, None])  # (D, D) = R_v^T
-            fp = tl.dot(fp, rotation_t, input_precision="ieee")  # the fp values in the rotated basis
             values = tl.where((t < VQ)[:, None], packed, fp)
             m_i, l_i, acc = driver.attend_tile(
                 s, values, m_i, l_i, acc, mask, m_sb, m_sh, m_sm, b, h, om, M, t, end, scale2, HAS_MASK, 0, False
@@ -122,8 +120,9 @@ def turbo_decode(query, key_codes, key_scale, key_rotation, key_codebook, key_ro
     ks = key_scale.flatten(2, 3)
     vc = inner(value_codes, 1)
     keys = [rotated, kc, *kc.stride()[:3], ks, *ks.stride()[:3], key_codebook.contiguous()]
-    values = [vc, *vc.stride()[:3], value_scale, *value_scale.stride()[:3], value_codebook.contiguous(),
-              value_rotation.contiguous()]  # fmt: skip
-    out = driver.launch(_turbo_decode, query, mask, key_fp, value_fp, key_rows * group, value_rows, scale,
-                        keys + values, group, G=group, KB=key_bits, VB=value_bits)  # fmt: skip
+    values = [vc, *vc.stride()[:3], value_scale, *value_scale.stride()[:3], value_codebook.contiguous()]
+    dot = driver.dot_type(key_fp, value_fp)  # the model dtype's products, before the window turns float32
+    rotated_fp = [v.float() @ value_rotation.T for v in value_fp]  # (B, H, L, D): the window in the rotated basis
+    out = driver.launch(_turbo_decode, query, mask, key_fp, rotated_fp, key_rows * group, value_rows, scale,
+                        keys + values, group, dot=dot, G=group, KB=key_bits, VB=value_bits)  # fmt: skip
     return out @ value_rotation
