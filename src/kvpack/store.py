@@ -476,10 +476,11 @@ class CompressedLayer:
 
     def _check_finite(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if self.config.check_finite:
-            for name, x in (("keys", keys), ("values", values)):
-                bad = int((~torch.isfinite(x)).sum())
-                if bad:
-                    raise ValueError(f"{name} contain {bad} NaN/Inf values; nothing was stored")
+            # one host read for both counts (on a GPU each read waits for the device)
+            bad = torch.stack([(~torch.isfinite(keys)).sum(), (~torch.isfinite(values)).sum()]).tolist()
+            for name, count in zip(("keys", "values"), bad):
+                if count:
+                    raise ValueError(f"{name} contain {count} NaN/Inf values; nothing was stored")
 
     def formats(self) -> tuple[Format, Format]:
         """The method's (key format, value format) for this layer's config and layer_idx."""

@@ -58,6 +58,13 @@ def run(args) -> int:
         print(f"cpu kernels   {native.isa()} build (KVPACK_CPU_ISA forces a level), cache {native.cache_dir()}")
     except RuntimeError as err:
         print(f"cpu kernels   unavailable: {err}")
+    from kvpack.kernels import gpu
+
+    if reason := gpu.available():
+        print(f"gpu kernels   unavailable: {reason}")
+    else:
+        interpreter = " (and CPU tensors: TRITON_INTERPRET=1)" if gpu.interpreting() else ""
+        print(f"gpu kernels   Triton {_version('triton')}: the decode step on CUDA tensors{interpreter}")
     print("default model: SmolLM2-135M-Instruct (kvpack generate --model PATH for another)")
     for line in _default_model_lines():
         print(line)

@@ -7,10 +7,16 @@ code builds goes through this module, so a rename is fixed here and nowhere else
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from transformers import DynamicCache, QuantizedCache, TextStreamer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+#: The cache keyword of this transformers release: ``cache`` from 5.24, ``past_key_values`` before (the GPU
+#: machine this project is measured on has 5.17; kvpack's tests cover the pinned 5.24).
+CACHE_KWARG = "cache" if "cache" in inspect.signature(CausalLMOutputWithPast).parameters else "past_key_values"
 
 __all__ = [
     "cache_nbytes",
@@ -40,7 +46,7 @@ def forward(
     Returns:
         ``(cache, logits)``: the cache after the step and the logits, (B, T or logits_to_keep, V).
     """
-    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=logits_to_keep, **{CACHE_KWARG: cache}, **kwargs)
     held = getattr(out, "cache", None)
     if held is None:  # releases before the ``cache`` rename return ``past_key_values``
         held = getattr(out, "past_key_values", None)
@@ -49,7 +55,7 @@ def forward(
 
 def generate(model, cache=None, **kwargs: Any) -> torch.Tensor:
     """``model.generate(**kwargs)`` with ``cache`` passed under the current spelling; the output ids."""
-    return model.generate(cache=cache, **kwargs)
+    return model.generate(**{CACHE_KWARG: cache}, **kwargs)
 
 
 def dynamic_cache(model) -> DynamicCache:

@@ -64,7 +64,7 @@ def quantize_affine(
     hi = groups.amax(dim=-1)
     zero = lo.to(scale_dtype)
     scale = ((hi - lo) / (2**bits - 1)).to(scale_dtype)
-    if not (torch.isfinite(zero).all() and torch.isfinite(scale).all()):
+    if not bool(torch.isfinite(zero).all() & torch.isfinite(scale).all()):  # one host read
         raise ValueError(
             f"quantization scale or zero overflows {scale_dtype} (inputs range up to "
             f"{groups.abs().max().item():.3g}); store scales in a wider dtype, e.g. scale_dtype=torch.float32"
