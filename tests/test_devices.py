@@ -77,3 +77,14 @@ def test_every_step_runs_on_the_tensors_device_and_matches_the_cpu(config, devic
         assert ((got - want).abs() > 1e-3).float().mean() < 0.01
     for got, want in zip(outputs, cpu_outputs):
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+def test_importing_kvpack_imports_no_triton_and_starts_no_cuda():
+    """The GPU kernels load on first use: a CPU user pays nothing for them (nor a CUDA context)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, kvpack; kvpack.make_layer(kvpack.KIVIConfig()); "
+            "assert 'triton' not in sys.modules, 'triton'; "
+            "assert not torch.cuda.is_initialized(), 'cuda'")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True)

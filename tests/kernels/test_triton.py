@@ -165,3 +165,53 @@ def test_triton_decode_follows_the_store_across_flushes_and_window_slides():
             with kernels.use("reference"):
                 want = layer.attend(query)
             torch.testing.assert_close(triton_attend(layer, query), want, rtol=1e-4, atol=ATOL)
+
+
+# --- quantize and pack at flush --------------------------------------------------------------------------
+QUANTIZE_CASES = [(bits, x_dtype, scale_dtype) for bits in (1, 2, 4, 8)
+                  for x_dtype, scale_dtype in ((torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float16, torch.float32), (torch.bfloat16, None))][::2]  # fmt: skip
+
+
+@pytest.mark.parametrize("bits,x_dtype,scale_dtype", QUANTIZE_CASES)
+@pytest.mark.parametrize("name", ("quantize_pack_tokens", "quantize_pack_key_groups"))
+def test_triton_quantize_is_bit_for_bit_the_reference(name, bits, x_dtype, scale_dtype):
+    """Codes, scales and zeros exactly as the reference writes them (atol = 0), on a strided view with a
+    constant group and ties of the rounding among the inputs."""
+    kernel = kernels.registered()[name]
+    base = torch.randn(2, 3, 80, 64, generator=torch.Generator().manual_seed(bits)) * 4
+    base[0, 0, :32, :32] = 1.5  # constant groups (scale 0) on both layouts
+    base[1, 2, :32, :32] = torch.arange(32.0)  # codes landing on .5 before rounding
+    x = base.to(DEVICE, x_dtype)[:, :, 8:72]  # a view: token stride 64, offset 8 tokens
+    assert kernel.gpu_check(x, bits, 32, scale_dtype) is None
+    got = kernel.gpu(x, bits, 32, scale_dtype)
+    want = kernel.reference(x, bits, 32, scale_dtype)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ("quantize_pack_tokens", "quantize_pack_key_groups"))
+def test_triton_quantize_refuses_what_the_reference_refuses(name):
+    """A NaN or a scale overflowing float16 is flagged by the kernel; the reference then raises its error."""
+    kernel = kernels.registered()[name]
+    x = torch.randn(1, 2, 32, 64).to(DEVICE)
+    x[0, 1, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match="overflows"):
+        kernel.gpu(x, 2, 32, torch.float16)
+    with pytest.raises(ValueError, match="overflows"):
+        kernel.gpu(torch.full((1, 2, 32, 64), 1e6, device=DEVICE).index_fill_(3, torch.tensor([0], device=DEVICE), -1e6),
+                   2, 32, torch.float16)  # fmt: skip
+
+
+def test_a_store_flushing_through_the_triton_quantizers_holds_what_the_cpu_kernels_write(monkeypatch):
+    """A KIVI layer whose flushes run the Triton quantizers (on CPU tensors: routed there for the test) holds
+    the same bytes as one flushed by the default kernels."""
+    want = decode_layer(KIVIConfig(key_bits=4, residual_length=32), batch=2, tokens=150, steps=40).state_dict()[0]
+    for name in ("quantize_pack_tokens", "quantize_pack_key_groups"):
+        kernel = kernels.registered()[name]
+        monkeypatch.setattr(kernel, "cpu", kernel.gpu if not CUDA else kernel.cpu)
+    got = decode_layer(KIVIConfig(key_bits=4, residual_length=32), batch=2, tokens=150, steps=40,
+                       device=DEVICE).state_dict()[0]  # fmt: skip
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name].cpu(), want[name]), name

@@ -49,10 +49,12 @@ value_weighted_sum = Kernel(
 quantize_pack_tokens = Kernel(
     "quantize_pack_tokens", "(Tensor values, int bits, int group_size, ScalarType? scale_dtype=None) -> (Tensor, Tensor, Tensor)",
     reference.quantize_pack_tokens, _tokens_fake, cpu.check_quantize, cpu.quantize_pack_tokens_cpu,
+    triton_kernel(__package__ + ".triton", "quantize_pack_tokens"),
 )  # fmt: skip
 quantize_pack_key_groups = Kernel(
     "quantize_pack_key_groups", "(Tensor keys, int bits, int group_size, ScalarType? scale_dtype=None) -> (Tensor, Tensor, Tensor)",
     reference.quantize_pack_key_groups, _key_groups_fake, cpu.check_quantize, cpu.quantize_pack_key_groups_cpu,
+    triton_kernel(__package__ + ".triton", "quantize_pack_key_groups"),
 )  # fmt: skip
 
 

@@ -16,7 +16,10 @@ import triton.language as tl
 from ...kernels import triton_decode as driver
 from ...kernels.checks import SCALE_TYPES, inner
 
-__all__ = ["kivi_decode", "kivi_decode_reason"]
+__all__ = [
+    "kivi_decode", "kivi_decode_reason", "quantize_pack_key_groups", "quantize_pack_key_groups_reason",
+    "quantize_pack_tokens", "quantize_pack_tokens_reason",
+]  # fmt: skip
 
 _BITS = (2, 4, 8)
 
@@ -140,3 +143,179 @@ def kivi_decode(query, key_codes, key_scale, key_zero, key_rows, key_fp, value_c
     values = affine_value_args(value_codes, value_scale, value_zero)
     return driver.launch(_kivi_decode, query, mask, key_fp, value_fp, key_rows * group_size, value_rows, scale,
                          keys + values, group_size, G=group_size, KB=key_bits, VB=value_bits)  # fmt: skip
+
+
+# --- quantize and pack at flush (bit for bit the reference: kvpack.primitives.quantize_affine) -------------
+@triton.jit
+def _to_storage(x, SCALE: tl.constexpr, EMULATE: tl.constexpr):
+    """float32 -> the value the scale dtype stores (0 f32, 1 f16, 2 bf16), as float32 (round to nearest even)."""
+    if SCALE == 1:
+        x = x.to(tl.float16).to(tl.float32)
+    elif SCALE == 2:
+        if EMULATE:
+            x = driver.round_bf16(x)
+        else:
+            x = x.to(tl.bfloat16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _affine_codes(x, lo, hi, BITS: tl.constexpr, SCALE: tl.constexpr, EMULATE: tl.constexpr):
+    """Groups ``x`` (..., G) with their min/max (..., 1) -> (codes (..., G) int32, scale, zero as stored)."""
+    zero = _to_storage(lo, SCALE, EMULATE)
+    scale = _to_storage(tl.div_rn(hi - lo, (2**BITS - 1) * 1.0), SCALE, EMULATE)
+    safe = tl.where(scale > 0, scale, 1.0)
+    q = tl.div_rn(x - zero, safe)
+    r = tl.floor(q + 0.5)
+    r = tl.where((r - q == 0.5) & (r % 2 == 1), r - 1.0, r)  # ties to even, as torch.round
+    r = tl.minimum(tl.maximum(r, 0.0), 2**BITS - 1.0)
+    return tl.where(scale > 0, r, 0.0).to(tl.int32), scale, zero
+
+
+@triton.jit
+def _pack(codes, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """(ROWS, N) codes -> (ROWS, N * BITS / 8) bytes, code j of a byte in bits j * BITS (LSB first)."""
+    per_byte: tl.constexpr = 8 // BITS
+    grouped = tl.reshape(codes, (ROWS, N // per_byte, per_byte))
+    shifts = tl.arange(0, per_byte) * BITS
+    return tl.sum(grouped << shifts[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def _bad(values, scale, zero, ROWS: tl.constexpr, GROUPS: tl.constexpr):
+    """Per row: 1 where an input is NaN/Inf or a stored scale/zero overflows (the reference then raises)."""
+    bad = tl.max(((values != values) | (tl.abs(values) == float("inf"))).to(tl.int32), axis=1)
+    overflow = (tl.abs(scale) == float("inf")) | (tl.abs(zero) == float("inf"))
+    return bad | tl.max(tl.reshape(overflow.to(tl.int32), (ROWS, GROUPS)), axis=1)
+
+
+@triton.jit
+def _quantize_tokens(x, x_sb, x_sh, x_st, codes, scale, zero, flags, H, T, R,
+                     D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, SCALE: tl.constexpr,
+                     EMULATE: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (b, h, t)
+    live = rows < R
+    b = (rows // (H * T)).to(tl.int64)
+    h = ((rows // T) % H).to(tl.int64)
+    t = (rows % T).to(tl.int64)
+    od = tl.arange(0, D)
+    values = tl.load(x + (b * x_sb + h * x_sh + t * x_st)[:, None] + od[None, :], mask=live[:, None], other=0.0)
+    values = values.to(tl.float32)
+    groups = tl.reshape(values, (BLOCK_R, D // G, G))
+    lo = tl.min(groups, axis=2)
+    hi = tl.max(groups, axis=2)
+    code, s, z = _affine_codes(groups, lo[:, :, None], hi[:, :, None], BITS, SCALE, EMULATE)
+    tl.store(flags + rows, _bad(values, s, z, BLOCK_R, D // G), mask=live)
+    rows64 = rows.to(tl.int64)
+    ob = tl.arange(0, D * BITS // 8)
+    tl.store(codes + rows64[:, None] * (D * BITS // 8) + ob[None, :], _pack(tl.reshape(code, (BLOCK_R, D)), BLOCK_R, D, BITS),
+             mask=live[:, None])  # fmt: skip
+    og = tl.arange(0, D // G)
+    at = rows64[:, None] * (D // G) + og[None, :]
+    tl.store(scale + at, tl.reshape(s, (BLOCK_R, D // G)), mask=live[:, None])
+    tl.store(zero + at, tl.reshape(z, (BLOCK_R, D // G)), mask=live[:, None])
+
+
+@triton.jit
+def _quantize_key_groups(x, x_sb, x_sh, x_st, codes, scale, zero, flags, H, N, D: tl.constexpr, G: tl.constexpr,
+                         BITS: tl.constexpr, SCALE: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    group = tl.program_id(0)  # flat (b, h, n)
+    b = (group // (H * N)).to(tl.int64)
+    h = ((group // N) % H).to(tl.int64)
+    n = (group % N).to(tl.int64)
+    od = tl.arange(0, D)
+    oj = tl.arange(0, G)
+    tile = tl.load(x + b * x_sb + h * x_sh + (n * G + oj)[None, :] * x_st + od[:, None]).to(tl.float32)  # (D, G)
+    lo = tl.min(tile, axis=1)
+    hi = tl.max(tile, axis=1)
+    code, s, z = _affine_codes(tile, lo[:, None], hi[:, None], BITS, SCALE, EMULATE)
+    bad = _bad(tl.reshape(tile, (1, D * G)), tl.reshape(s, (1, D)), tl.reshape(z, (1, D)), 1, D)
+    tl.store(flags + group + tl.arange(0, 1), bad)
+    first = group.to(tl.int64) * D
+    ob = tl.arange(0, G * BITS // 8)
+    tl.store(codes + (first + od)[:, None] * (G * BITS // 8) + ob[None, :], _pack(code, D, G, BITS))
+    tl.store(scale + first + od, tl.reshape(s, (D,)))
+    tl.store(zero + first + od, tl.reshape(z, (D,)))
+
+
+_QUANT_BITS = (1, 2, 4, 8)
+
+
+def _quantize_reason(x, bits, group_size, scale_dtype, axis_length: int) -> str | None:
+    """Why (well-formed: the op's check ran) a quantize call cannot take its Triton kernel, or None."""
+    device = x.device
+    from ...kernels import gpu
+
+    if device.type != "cuda" and not (device.type == "cpu" and gpu.interpreting()):
+        return f"device {device.type} (the Triton kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
+    dim = x.shape[-1]
+    if x.dtype not in SCALE_TYPES or (scale_dtype or x.dtype) not in SCALE_TYPES:
+        return f"dtypes {x.dtype} / {scale_dtype}"
+    if type(bits) is not int or bits not in _QUANT_BITS or type(group_size) is not int or group_size <= 0:
+        return "bits or group_size the reference refuses"  # the reference raises its own error
+    if axis_length % group_size or x.numel() == 0:
+        return "a group size that does not divide the axis, or nothing to quantize"
+    if dim & (dim - 1) or group_size & (group_size - 1) or dim > 1024 or group_size * bits < 8:
+        return f"head_dim {dim} / group_size {group_size} (the Triton kernels take powers of 2)"
+    return None
+
+
+def quantize_pack_tokens_reason(values, bits, group_size, scale_dtype=None) -> str | None:
+    return _quantize_reason(values, bits, group_size, scale_dtype, values.shape[-1])
+
+
+def quantize_pack_key_groups_reason(keys, bits, group_size, scale_dtype=None) -> str | None:
+    return _quantize_reason(keys, bits, group_size, scale_dtype, keys.shape[2])
+
+
+def _scale_code(scale_dtype) -> tuple[int, bool]:
+    code = SCALE_TYPES[scale_dtype]
+    from ...kernels import gpu
+
+    return code, code == 2 and gpu.interpreting()
+
+
+def quantize_pack_tokens(values, bits, group_size, scale_dtype=None):
+    """``ops.quantize_pack_tokens`` in one Triton launch, bit for bit the reference (which runs instead, and
+    raises, where an input is not finite or a scale overflows)."""
+    from . import reference
+
+    batch, heads, tokens, dim = values.shape
+    scale_dtype = scale_dtype or values.dtype
+    x = inner(values, 1)
+    device = x.device
+    codes = torch.empty(batch, heads, tokens, dim * bits // 8, dtype=torch.uint8, device=device)
+    scale = torch.empty(batch, heads, tokens, dim // group_size, dtype=scale_dtype, device=device)
+    zero = torch.empty_like(scale)
+    rows = batch * heads * tokens
+    flags = torch.empty(rows, dtype=torch.int32, device=device)
+    block = 16
+    code, emulate = _scale_code(scale_dtype)
+    _quantize_tokens[(triton.cdiv(rows, block),)](x, *x.stride()[:3], codes, scale, zero, flags, heads, tokens, rows,
+                                                  D=dim, G=group_size, BITS=bits, SCALE=code, EMULATE=emulate,
+                                                  BLOCK_R=block)  # fmt: skip
+    if bool(flags.any()):  # one host read, as the reference's own overflow check
+        return reference.quantize_pack_tokens(values, bits, group_size, scale_dtype)
+    return codes, scale, zero
+
+
+def quantize_pack_key_groups(keys, bits, group_size, scale_dtype=None):
+    """``ops.quantize_pack_key_groups`` in one Triton launch (one program per key group), bit for bit the
+    reference (which runs instead, and raises, where an input is not finite or a scale overflows)."""
+    from . import reference
+
+    batch, heads, tokens, dim = keys.shape
+    scale_dtype = scale_dtype or keys.dtype
+    x = inner(keys, 1)
+    device = x.device
+    n = tokens // group_size
+    codes = torch.empty(batch, heads, n, dim, group_size * bits // 8, dtype=torch.uint8, device=device)
+    scale = torch.empty(batch, heads, n, dim, dtype=scale_dtype, device=device)
+    zero = torch.empty_like(scale)
+    flags = torch.empty(batch * heads * n, dtype=torch.int32, device=device)
+    code, emulate = _scale_code(scale_dtype)
+    _quantize_key_groups[(batch * heads * n,)](x, *x.stride()[:3], codes, scale, zero, flags, heads, n, D=dim,
+                                               G=group_size, BITS=bits, SCALE=code, EMULATE=emulate)  # fmt: skip
+    if bool(flags.any()):
+        return reference.quantize_pack_key_groups(keys, bits, group_size, scale_dtype)
+    return codes, scale, zero
