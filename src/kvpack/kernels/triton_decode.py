@@ -33,7 +33,18 @@ import triton.language as tl
 
 from . import gpu
 
-__all__ = ["LOG2E", "attend_tile", "common_head", "dot", "finish", "fp_rows", "launch", "scaled_scores", "softmax_tile"]
+__all__ = [
+    "LOG2E",
+    "attend_tile",
+    "common_head",
+    "dot",
+    "program",
+    "finish",
+    "fp_rows",
+    "launch",
+    "scaled_scores",
+    "softmax_tile",
+]
 
 LOG2E = 1.4426950408889634
 #: ``DOT`` codes: the dtype products run in.
@@ -50,6 +61,19 @@ def round_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def program(H, T, CHUNK, BLOCK_M: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
+    """This program's place in the grid: (bh, split, b, h, query rows om, channels od, tile tokens oj, its
+    split's first token and end), then the empty softmax state (max, sum, accumulator)."""
+    bh = tl.program_id(0)
+    split = tl.program_id(2)
+    start = split * CHUNK
+    om = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return (bh, split, (bh // H).to(tl.int64), (bh % H).to(tl.int64), om, tl.arange(0, D), tl.arange(0, G), start,
+            tl.minimum(start + CHUNK, T), tl.full([BLOCK_M], float("-inf"), tl.float32),
+            tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M, D], tl.float32))  # fmt: skip
 
 
 @triton.jit

@@ -59,20 +59,9 @@ def _kivi_decode(
     D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
     EMULATE: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
-    split = tl.program_id(2)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    om = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    od = tl.arange(0, D)
-    oj = tl.arange(0, G)
+    bh, split, b, h, om, od, oj, start, end, m_i, l_i, acc = driver.program(H, T, CHUNK, BLOCK_M, D, G)
     query = tl.load(q + b * q_sb + h * q_sh + om[:, None] * q_sm + od[None, :], mask=(om < M)[:, None], other=0.0)
-    start = split * CHUNK
-    end = tl.minimum(start + CHUNK, T)
     both = tl.minimum(KQ, VQ)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
     for t0 in range(start, end, G):
         t = t0 + oj
         if t0 + G <= both:  # packed keys and values

@@ -41,23 +41,12 @@ def _qjl_decode(
     EMULATE: tl.constexpr, G: tl.constexpr, VB: tl.constexpr, MS: tl.constexpr, K: tl.constexpr,
     MO: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
-    split = tl.program_id(2)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    om = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    od = tl.arange(0, D)
-    oj = tl.arange(0, G)
+    bh, split, b, h, om, od, oj, start, end, m_i, l_i, acc = driver.program(H, T, CHUNK, BLOCK_M, D, G)
     op = tl.arange(0, MS)
     rows = om < M
     q_at = b * q_sb + h * q_sh + om * q_sm
     query = tl.load(q + q_at[:, None] + od[None, :], mask=rows[:, None], other=0.0)  # (BM, D)
     sketched = tl.load(sq + ((bh * M).to(tl.int64) + om)[:, None] * MS + op[None, :], mask=rows[:, None], other=0.0)
-    start = split * CHUNK
-    end = tl.minimum(start + CHUNK, T)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
     for t0 in range(start, end, G):
         t = t0 + oj
         if t0 < KQ:  # KQ is a multiple of G: a tile is packed or fp as a whole on the key side
