@@ -7,7 +7,9 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["MethodConfig", "SCALE_DTYPES", "check_bool", "check_choice", "check_positive_int", "check_residual"]
+__all__ = [
+    "MethodConfig", "SCALE_DTYPES", "check_bool", "check_choice", "check_positive_int", "check_residual", "check_sinks",
+]  # fmt: skip
 
 #: Storage dtypes for quantization scales and zeros, by name.
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -41,6 +43,16 @@ def check_residual(group_size: Any, residual_length: Any) -> None:
         raise ValueError(
             f"residual_length must be a positive multiple of group_size ({group_size}), got {residual_length}"
         )
+
+
+#: Most attention-sink tokens a layer keeps in full precision (a handful is what the literature uses).
+MAX_SINK_TOKENS = 1024
+
+
+def check_sinks(value: Any) -> None:
+    """``sink_tokens`` is an integer in [0, MAX_SINK_TOKENS]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SINK_TOKENS:
+        raise ValueError(f"sink_tokens must be an integer in [0, {MAX_SINK_TOKENS}], got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -373,6 +373,16 @@ class Store:
         self.num_rows = num_rows
 
 
+def _same_config(saved, config: MethodConfig) -> bool:
+    """A saved config dict describes ``config`` (fields added since, absent from older files, at defaults)."""
+    if not isinstance(saved, dict):
+        return False
+    try:
+        return type(config).from_dict(saved) == config
+    except (TypeError, ValueError):
+        return False
+
+
 def _is_count(x) -> bool:
     """A non-negative Python int (bool is not)."""
     return type(x) is int and x >= 0
@@ -442,6 +452,10 @@ class CompressedLayer:
         self._dtype: torch.dtype | None = None
         self._device: torch.device | None = None
         self._empty_rows: dict[tuple, dict[str, torch.Tensor]] = {}  # what _rows reads before the first flush
+        # The first ``sink_tokens`` tokens, never quantized: (keys, values), each (B, H_kv, <= S, D) in the model
+        # dtype, or None. Attention reads them as the last fp chunk (the order of the tokens does not matter to
+        # softmax once the mask's columns follow them: see _sinks_last).
+        self._sinks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- input checks ---------------------------------------------------------------------------------
     def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -503,18 +517,52 @@ class CompressedLayer:
             self._shape = (keys.shape[0], keys.shape[1], keys.shape[3])
             self._dtype, self._device = keys.dtype, keys.device
         try:
-            if not self._append_fast(keys, values):
+            need = getattr(self.config, "sink_tokens", 0) - self.num_sinks
+            if need > 0:  # the first tokens of the layer: into the sinks, the rest (if any) into the stores
                 self._check_finite(keys, values)
-                self.keys.append(keys)  # a failing store leaves itself unchanged
-                try:
-                    self.values.append(values)
-                except Exception:
-                    self.keys.undo_append()  # keys and values stay in step: nothing of this call is stored
-                    raise
+                sinks = self._grown_sinks(keys[:, :, :need], values[:, :, :need])
+                if keys.shape[2] > need:
+                    self._store(keys[:, :, need:], values[:, :, need:])
+                self._sinks = sinks  # only once the stores took their part
+            elif not self._append_fast(keys, values):
+                self._check_finite(keys, values)
+                self._store(keys, values)
         except Exception:
             if first:
                 self._shape = self._dtype = self._device = None
             raise
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append checked tokens to both stores, or to neither."""
+        self.keys.append(keys)  # a failing store leaves itself unchanged
+        try:
+            self.values.append(values)
+        except Exception:
+            self.keys.undo_append()  # keys and values stay in step: nothing of this call is stored
+            raise
+
+    @property
+    def num_sinks(self) -> int:
+        """Tokens held in full precision as attention sinks (at most ``config.sink_tokens``)."""
+        return 0 if self._sinks is None else self._sinks[0].shape[2]
+
+    def _grown_sinks(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sinks with ``keys``/``values`` appended, as new tensors (the caller commits them)."""
+        if self._sinks is None:
+            return keys.clone(), values.clone()  # copies: the caller's tensors may change after the call
+        return torch.cat([self._sinks[0], keys], dim=2), torch.cat([self._sinks[1], values], dim=2)
+
+    def _sinks_last(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """A mask over the tokens in position order (sinks first) -> the order attention reads them in (the
+        stores' tokens, then the sinks)."""
+        n = self.num_sinks
+        if mask is None or n == 0:
+            return mask
+        return torch.cat([mask[..., n:], mask[..., :n]], dim=-1)
+
+    def _with_sinks(self, parts: list[torch.Tensor], side: int) -> list[torch.Tensor]:
+        """Position-ordered tensors of one side (keys 0, values 1) with the sinks in front."""
+        return parts if self._sinks is None else [self._sinks[side], *parts]
 
     def _append_fast(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """:meth:`append` with the finite check and both fp writes in one C++ call (kernels.tokens), for
@@ -553,7 +601,7 @@ class CompressedLayer:
     @property
     def num_tokens(self) -> int:
         """Tokens held."""
-        return self.keys.num_tokens
+        return self.num_sinks + self.keys.num_tokens
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -576,13 +624,23 @@ class CompressedLayer:
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored state: (k_hat, v_hat), each (B, H_kv, T_total, D) in the input dtype."""
         self._require_tokens()
-        return self.keys.dequantize().to(self._dtype), self.values.dequantize().to(self._dtype)
+        return self._sides(self.keys.dequantize, self.values.dequantize)
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What ``attend`` reads this step, dequantized: like :meth:`dequantize`, but the tokens flushed
         by the latest ``append`` appear in full precision (the compat attention path uses this)."""
         self._require_tokens()
-        return self.keys.materialize().to(self._dtype), self.values.materialize().to(self._dtype)
+        return self._sides(self.keys.materialize, self.values.materialize)
+
+    def _sides(self, keys, values) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both sides' (B, H_kv, T, D) tensors in the model dtype, sinks first: ``keys()`` / ``values()`` give
+        the stores' part."""
+        out = []
+        for side, read in enumerate((keys, values)):
+            parts = [read().to(self._dtype)] if self.keys.num_tokens else []
+            parts = self._with_sinks(parts, side)
+            out.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+        return out[0], out[1]
 
     def _check_query(self, query: torch.Tensor) -> None:
         """Raise unless ``query`` (B, H_q, T_q, D) fits the store: same batch and head_dim, H_q % H_kv == 0."""
@@ -608,7 +666,12 @@ class CompressedLayer:
         """Unscaled q.k over the attended keys: (B, H_q, T_q, D) -> (B, H_q, T_q, T_total) float32."""
         self._check_query(query)
         batch, heads_q, t_q, _ = query.shape
-        return self.keys.scores(self._group_query(query)).reshape(batch, heads_q, t_q, -1)
+        grouped = self._group_query(query)
+        parts = [self.keys.scores(grouped)] if self.keys.num_tokens else []
+        if self._sinks is not None:
+            parts.insert(0, grouped @ self._sinks[0].float().transpose(-1, -2))
+        scores = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        return scores.reshape(batch, heads_q, t_q, -1)
 
     def attend(
         self,
@@ -637,7 +700,7 @@ class CompressedLayer:
         scale = dim**-0.5 if scale is None else scale
         if t_q >= SDPA_MIN_QUERIES:
             return self._attend_materialized(query, scale, attention_mask)
-        mask = self._grouped_mask(attention_mask, query, self.num_tokens)
+        mask = self._sinks_last(self._grouped_mask(attention_mask, query, self.num_tokens))
         out = self._decode(self._group_query(query), mask, scale)  # (B, H_kv, rep * T_q, D) float32
         return out.reshape(batch, heads_q, t_q, dim).to(query.dtype)
 
@@ -665,6 +728,8 @@ class CompressedLayer:
         rows of each row tensor are read: the rows' storage itself (its capacity slack included, no slicing
         per step), or empty tensors of the format's shapes before the first flush."""
         n_rows, fp = store.split()
+        if self._sinks is not None:
+            fp = [*fp, self._sinks[0 if store is self.keys else 1]]  # read last: see _sinks_last
         rows = store.rows
         if rows and all(buf.start == 0 for buf in rows.values()) and len({b.data.shape[2] for b in rows.values()}) == 1:
             return n_rows, {name: buf.data for name, buf in rows.items()}, fp
@@ -727,7 +792,8 @@ class CompressedLayer:
         tokens flushed by the latest append is not counted: it shares storage with the counted buffers'
         capacity, and the next append releases it.
         """
-        return self.keys.nbytes(allocated) + self.values.nbytes(allocated)
+        sinks = 0 if self._sinks is None else sum(x.numel() * x.element_size() for x in self._sinks)
+        return self.keys.nbytes(allocated) + self.values.nbytes(allocated) + sinks
 
     # --- saving and loading ---------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -750,6 +816,10 @@ class CompressedLayer:
             "key_groups": self.keys.num_rows,
             "value_quantized": self.values.num_rows,
         }
+        if getattr(self.config, "sink_tokens", 0):  # (absent otherwise: files of configs without sinks unchanged)
+            metadata["sinks"] = self.num_sinks
+            if self._sinks is not None:
+                tensors["sinks.keys"], tensors["sinks.values"] = (x.contiguous() for x in self._sinks)
         return tensors, metadata
 
     def load_state_dict(
@@ -782,6 +852,8 @@ class CompressedLayer:
         if len(devices) > 1:
             raise CacheFileError(f"the saved state's tensors are on several devices: {sorted(map(str, devices))}")
         self._build(dim)
+        tensors = dict(tensors)
+        sinks = self._check_sinks(metadata, tensors, shape, dtype)  # and takes the sink tensors out
         fp_lengths, restored = [], []
         for prefix, store, count in (("keys", self.keys, counts[0]), ("values", self.values, counts[1])):
             quant_prefix, fp_name = store.names[0] + ".", store.names[1]
@@ -827,19 +899,44 @@ class CompressedLayer:
             )
         if key_tokens != value_tokens:
             raise CacheFileError(f"the keys hold {key_tokens} tokens but the values {value_tokens}")
+        sink_tokens = getattr(self.config, "sink_tokens", 0)
+        if key_tokens and (sinks[0].shape[2] if sinks else 0) != sink_tokens:
+            raise CacheFileError(f"the state holds tokens past the sinks but not all {sink_tokens} sink tokens")
         for store, own, count in restored:
             store.restore(own, count)
+        self._sinks = sinks
         self._shape, self._dtype = shape, dtype
         self._device = next(iter(devices)) if devices else torch.device("cpu")
+
+    def _check_sinks(self, metadata: dict, tensors: dict, shape, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The saved sinks (validated, removed from ``tensors``), or None."""
+        sink_keys, sink_values = tensors.pop("sinks.keys", None), tensors.pop("sinks.values", None)
+        n = metadata.get("sinks", 0)
+        if not _is_count(n) or n > getattr(self.config, "sink_tokens", 0):
+            raise CacheFileError(f"sinks must be an integer in [0, sink_tokens], got {n!r}")
+        if n == 0:
+            if sink_keys is not None or sink_values is not None:
+                raise CacheFileError("the saved state holds sink tensors but no sinks")
+            return None
+        want = (*shape[:2], n, shape[2])
+        for name, x in (("sinks.keys", sink_keys), ("sinks.values", sink_values)):
+            if x is None or tuple(x.shape) != want or x.dtype != dtype or x.layout != torch.strided:
+                got = None if x is None else f"{x.dtype} {tuple(x.shape)}"
+                raise CacheFileError(f"{name} is {got}, expected {dtype} {want}")
+            if not bool(torch.isfinite(x).all()):
+                raise CacheFileError(f"{name} holds NaN/Inf values")
+        return sink_keys, sink_values
 
     def _check_metadata(self, metadata, max_head_dim: int | None):
         """Validate :meth:`state_dict`'s metadata; returns ((B, H, D), dtype, (key_groups, value_quantized))."""
         if not isinstance(metadata, dict):
             raise CacheFileError(f"the saved state's metadata must be a dict, got {type(metadata).__name__}")
         fields = {"config", "layer_idx", "shape", "dtype", "key_groups", "value_quantized"}
+        if getattr(self.config, "sink_tokens", 0):
+            fields.add("sinks")
         if set(metadata) != fields:
             raise CacheFileError(f"the saved state's metadata has fields {sorted(metadata)}, expected {sorted(fields)}")
-        if metadata["config"] != self.config.to_dict():
+        if not _same_config(metadata["config"], self.config):
             raise CacheFileError(
                 f"state was saved with config {metadata['config']}, this layer has {self.config.to_dict()}"
             )
@@ -870,8 +967,11 @@ class CompressedLayer:
             return  # nothing stored
         if num_tokens < 0:
             num_tokens = max(self.num_tokens + num_tokens, 0)
-        self.keys.crop(num_tokens, self._dtype)
-        self.values.crop(num_tokens, self._dtype)
+        sinks = self.num_sinks
+        if num_tokens < sinks:
+            self._sinks = tuple(x[:, :, :num_tokens].clone() for x in self._sinks) if num_tokens else None
+        self.keys.crop(max(num_tokens - sinks, 0), self._dtype)
+        self.values.crop(max(num_tokens - sinks, 0), self._dtype)
 
     def _apply_batch(self, fn) -> None:
         if self._shape is None:
@@ -880,6 +980,8 @@ class CompressedLayer:
         self.keys._undo = self.values._undo = None
         for buf in self.keys.buffers() + self.values.buffers():
             buf.apply(fn)
+        if self._sinks is not None:
+            self._sinks = (fn(self._sinks[0]), fn(self._sinks[1]))
         probe = fn(torch.empty(self._shape[0], 1))
         self._shape = (probe.shape[0],) + self._shape[1:]
 

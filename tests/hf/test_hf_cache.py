@@ -35,6 +35,7 @@ def method_cases():
     for name in kvpack.method_names():
         if name != "kivi":
             cases.append((name, kvpack.config_class(name)().replace(**SMALL)))
+    cases.append(("turbo-sinks", kvpack.TurboConfig(key_bits=4, sink_tokens=3, **SMALL)))  # fp sinks: every path
     return cases
 
 

@@ -49,7 +49,7 @@ def triton_attend(layer, query, attention_mask=None):
 
 def _args(layer, query, attention_mask):
     layer._check_query(query)
-    mask = layer._grouped_mask(attention_mask, query, layer.num_tokens)
+    mask = layer._sinks_last(layer._grouped_mask(attention_mask, query, layer.num_tokens))
     return layer._decode_args(layer._group_query(query), mask, query.shape[-1] ** -0.5)
 
 
@@ -215,3 +215,15 @@ def test_a_store_flushing_through_the_triton_quantizers_holds_what_the_cpu_kerne
     assert got.keys() == want.keys()
     for name in want:
         assert torch.equal(got[name].cpu(), want[name]), name
+
+
+def test_triton_decode_reads_the_sinks_as_a_third_fp_chunk():
+    """With sinks the fp lists hold three chunks (the flushed block, the residual or window, the sinks) and the
+    mask's columns follow them."""
+    for config in (KIVIConfig(residual_length=32, sink_tokens=4), TurboConfig(residual_length=32, sink_tokens=4)):
+        layer = decode_layer(config, batch=2, tokens=96, steps=1, device=DEVICE)
+        lists = [a for a in _args(layer, torch.randn(2, 9, 1, 64).to(DEVICE), None) if isinstance(a, list)]
+        assert [len(x) for x in lists] == [2, 3]  # keys: residual, sinks; values: flushed token, window, sinks
+        mask = torch.ones(2, 1, 1, layer.num_tokens, dtype=torch.bool, device=DEVICE)
+        mask[1, ..., :2] = False
+        check(layer, torch.randn(2, 9, 1, 64).to(DEVICE), mask)

@@ -3,8 +3,8 @@
 
 A method's decode op (``kivi_decode``, ``qjl_decode``, ``turbo_decode``) computes, for the M query rows of
 each (batch, kv head), ``softmax(scale * q.K^T + mask) V`` over the store's packed rows and the fp tokens
-that follow them (``key_fp`` / ``value_fp``: at most two tensors per side, the block flushed by this step's
-append and the residual or window), in one C++ call. Its reference is :func:`reference`, composed of the
+that follow them (``key_fp`` / ``value_fp``: at most three tensors per side, the block flushed by this step's
+append, the residual or window, and the attention sinks), in one C++ call. Its reference is :func:`reference`, composed of the
 method's own per-kernel ops (so ``kernels.use("reference")`` gives the pure-torch oracle).
 """
 
@@ -29,8 +29,12 @@ class FpChunk(ctypes.Structure):
     _fields_ = [("data", _P), ("strides", _I * 3), ("length", _I)]
 
 
+#: fp chunks per side the decode kernels read: the block this step flushed, the residual or window, the sinks.
+FP_CHUNKS = 3
+
+
 class FpTokens(ctypes.Structure):
-    _fields_ = [("chunk", FpChunk * 2), ("type", _I)]
+    _fields_ = [("chunk", FpChunk * FP_CHUNKS), ("type", _I)]
 
 
 class DecodeArgs(ctypes.Structure):
@@ -41,9 +45,10 @@ class DecodeArgs(ctypes.Structure):
 
 
 def _fp_side(name: str, parts, batch: int, heads: int, dim: int) -> int:
-    """Check one side's fp tensors (a list of <= 2, each (B, H, L, D), one fp dtype); returns their tokens."""
-    if not isinstance(parts, (list, tuple)) or len(parts) > 2:
-        raise TypeError(f"{name} must be a list of at most 2 tensors")
+    """Check one side's fp tensors (a list of <= FP_CHUNKS, each (B, H, L, D), one fp dtype); returns their
+    tokens."""
+    if not isinstance(parts, (list, tuple)) or len(parts) > FP_CHUNKS:
+        raise TypeError(f"{name} must be a list of at most {FP_CHUNKS} tensors")
     total = 0
     for x in parts:
         if not isinstance(x, torch.Tensor) or x.layout is not torch.strided:
@@ -97,13 +102,13 @@ _NO_CHUNK = (0, 0, 0, 0, 0)
 
 
 def _side_fields(parts) -> list[int]:
-    """An :class:`FpTokens` as flat fields: two chunks (data, 3 strides, length), then the dtype code."""
+    """An :class:`FpTokens` as flat fields: FP_CHUNKS chunks (data, 3 strides, length), then the dtype code."""
     fields = []
     for x in parts:
         if x.stride(-1) != 1 and x.shape[2] and x.shape[3] > 1:
             raise ValueError("fp tokens must have a contiguous last axis")  # the store's always do
         fields += (x.data_ptr(), *x.stride()[:3], x.shape[2])
-    for _ in range(2 - len(parts)):
+    for _ in range(FP_CHUNKS - len(parts)):
         fields += _NO_CHUNK
     fields.append(SCALE_TYPES[parts[0].dtype] if parts else 0)
     return fields

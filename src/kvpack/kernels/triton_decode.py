@@ -91,14 +91,16 @@ def dot(a, b, DOT: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def fp_rows(p0, s0b, s0h, s0l, n0, p1, s1b, s1h, s1l, n1, b, h, idx, od):
-    """fp tokens ``idx`` (BN,) of the two chunks read one after the other -> (BN, D) float32, 0 outside
-    ``[0, n0 + n1)``; ``od`` (D,) the channels (last axis contiguous)."""
+def fp_rows(p0, s0b, s0h, s0l, n0, p1, s1b, s1h, s1l, n1, p2, s2b, s2h, s2l, n2, b, h, idx, od):
+    """fp tokens ``idx`` (BN,) of the three chunks read one after the other -> (BN, D) float32, 0 outside
+    ``[0, n0 + n1 + n2)``; ``od`` (D,) the channels (last axis contiguous)."""
     in0 = (idx >= 0) & (idx < n0)
     in1 = (idx >= n0) & (idx < n0 + n1)
+    in2 = (idx >= n0 + n1) & (idx < n0 + n1 + n2)
     x0 = tl.load(p0 + b * s0b + h * s0h + idx[:, None] * s0l + od[None, :], mask=in0[:, None], other=0.0)
     x1 = tl.load(p1 + b * s1b + h * s1h + (idx - n0)[:, None] * s1l + od[None, :], mask=in1[:, None], other=0.0)
-    return tl.where(in0[:, None], x0.to(tl.float32), x1.to(tl.float32))
+    x2 = tl.load(p2 + b * s2b + h * s2h + (idx - n0 - n1)[:, None] * s2l + od[None, :], mask=in2[:, None], other=0.0)
+    return tl.where(in0[:, None], x0.to(tl.float32), tl.where(in1[:, None], x1.to(tl.float32), x2.to(tl.float32)))
 
 
 @triton.jit
@@ -184,11 +186,11 @@ def _merge(part_acc, part_m, part_l, out, splits, M, D: tl.constexpr, BLOCK_M: t
 
 # --- the launcher ------------------------------------------------------------------------------------------
 def _side(parts, query) -> list:
-    """Two fp chunks as (tensor, 3 strides, length) x 2; an absent chunk points at the query, never read."""
+    """The fp chunks as (tensor, 3 strides, length) x 3; an absent chunk points at the query, never read."""
     args = []
     for x in parts:
         args += (x, *x.stride()[:3], x.shape[2])
-    for _ in range(2 - len(parts)):
+    for _ in range(3 - len(parts)):
         args += (query, 0, 0, 0, 0)
     return args
 

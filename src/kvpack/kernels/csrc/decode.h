@@ -26,17 +26,26 @@
 namespace kvpack {
 namespace {
 
-// One side's full-precision tokens: up to two chunks (the block flushed by this step, then the residual or
-// window), each (B, H, length, D) with batch/head/token strides and a contiguous last axis.
+// One side's full-precision tokens: up to three chunks read one after the other (the block flushed by this
+// step, the residual or window, the attention sinks), each (B, H, length, D) with batch/head/token strides and
+// a contiguous last axis; unused chunks have length 0.
+constexpr int kFpChunks = 3;
 struct FpChunk {
   const void* data;
   int64_t strides[3];
   int64_t length;
 };
 struct FpTokens {
-  FpChunk chunk[2];
+  FpChunk chunk[kFpChunks];
   int64_t type;  // ScaleType: the model dtype
 };
+
+// The chunk holding a side's fp token `local` (counted over the chunks in order); `local` becomes its row there.
+inline int fp_chunk(const FpTokens& side, int64_t& local) {
+  int c = 0;
+  while (c + 1 < kFpChunks && local >= side.chunk[c].length) local -= side.chunk[c++].length;
+  return c;
+}
 
 // The arguments every method's decode entry point starts with (mirrored by kvpack.kernels.decode).
 struct DecodeArgs {
@@ -224,9 +233,9 @@ void decode_attention(const DecodeArgs& a, const Keys& keys, const Values& value
       const int64_t kq1 = std::min(t1, KQ);
       if (t0 < kq1) keys.scores(b, h, q, q_row, M, t0, kq1, s, n, key_scratch);
       for (int64_t t = std::max(t0, KQ); t < t1; ++t) {
-        const int64_t local = t - KQ;
-        const int c = local < a.keys.chunk[0].length ? 0 : 1;
-        const float* k = fp_row(a.keys, c, b, h, c ? local - a.keys.chunk[0].length : local, D, buf.data());
+        int64_t local = t - KQ;
+        const int c = fp_chunk(a.keys, local);
+        const float* k = fp_row(a.keys, c, b, h, local, D, buf.data());
         for (int r = 0; r < M; ++r) s[r * n + t - t0] = dot(q + r * q_row, k, D);
       }
       // softmax numerators against this segment's maximum
@@ -248,9 +257,9 @@ void decode_attention(const DecodeArgs& a, const Keys& keys, const Values& value
       if (t0 < vq1) values.accumulate(b, h, s, n, M, t0, vq1, sums, D, value_scratch);
       float* fp_sums = sums + (kAcc - 1) * M * D;
       for (int64_t t = std::max(t0, VQ); t < t1; ++t) {
-        const int64_t local = t - VQ;
-        const int c = local < a.values.chunk[0].length ? 0 : 1;
-        const float* v = fp_row(a.values, c, b, h, c ? local - a.values.chunk[0].length : local, D, buf.data());
+        int64_t local = t - VQ;
+        const int c = fp_chunk(a.values, local);
+        const float* v = fp_row(a.values, c, b, h, local, D, buf.data());
         for (int r = 0; r < M; ++r) axpy(s[r * n + t - t0], v, fp_sums + r * D, D);
       }
     }

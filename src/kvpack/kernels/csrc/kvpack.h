@@ -12,7 +12,7 @@
 // Codes are packed LSB-first, 8 / BITS per byte.
 #pragma once
 
-#define KVPACK_ABI_VERSION 10
+#define KVPACK_ABI_VERSION 11
 
 #include <algorithm>
 #include <cmath>

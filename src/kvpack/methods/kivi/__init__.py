@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from ...config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual
+from ...config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual, check_sinks
 from ...primitives import dequantize_affine, unpack_bits
 from ...registry import register
 from ...store import CompressedLayer, Format
@@ -38,6 +38,8 @@ class KIVIConfig(MethodConfig):
         scale_dtype: storage dtype of scales and zeros: "float16" (default, the paper's accounting),
             "bfloat16", "float32", or None for the input dtype.
         check_finite: reject NaN/Inf keys and values on append (costs one pass over the input).
+        sink_tokens: the first S tokens of the layer are kept in full precision and never quantized (attention
+            sinks, as KVQuant and RotateKV keep them); 0, the paper's method, by default.
 
     Deviations from the paper's code: scales are stored in ``scale_dtype`` and codes are computed from the
     rounded scale, so a kernel reading the store reconstructs exactly the reference; 8 bits is allowed.
@@ -50,6 +52,7 @@ class KIVIConfig(MethodConfig):
     residual_length: int = 128
     scale_dtype: str | None = "float16"
     check_finite: bool = True
+    sink_tokens: int = 0
 
     channel_packed_bits = ("value_bits",)
 
@@ -65,6 +68,7 @@ class KIVIConfig(MethodConfig):
         if self.scale_dtype is not None:
             check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
         check_bool("check_finite", self.check_finite)
+        check_sinks(self.sink_tokens)
 
     @property
     def torch_scale_dtype(self) -> torch.dtype | None:

@@ -51,8 +51,8 @@ def affine_values(vc, vc_sb, vc_sh, vc_st, vs, vz, vs_sb, vs_sh, vs_st, b, h, t,
 @triton.jit
 def _kivi_decode(
     q, q_sb, q_sh, q_sm, mask, m_sb, m_sh, m_sm,
-    kf0, kf0_sb, kf0_sh, kf0_sl, kf0_n, kf1, kf1_sb, kf1_sh, kf1_sl, kf1_n,
-    vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n,
+    kf0, kf0_sb, kf0_sh, kf0_sl, kf0_n, kf1, kf1_sb, kf1_sh, kf1_sl, kf1_n, kf2, kf2_sb, kf2_sh, kf2_sl, kf2_n,
+    vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n, vf2, vf2_sb, vf2_sh, vf2_sl, vf2_n,
     kc, kc_sb, kc_sh, kc_sn, kc_sd, ks, kz, ks_sb, ks_sh, ks_sn,
     vc, vc_sb, vc_sh, vc_st, vs, vz, vs_sb, vs_sh, vs_st,
     out, part_m, part_l, H, M, KQ, VQ, T, CHUNK, splits, scale2,
@@ -76,12 +76,11 @@ def _kivi_decode(
                 keys = key_group(kc, kc_sb, kc_sh, kc_sn, kc_sd, ks, kz, ks_sb, ks_sh, ks_sn, b, h, t0 // G, od, oj,
                                  KB)  # fmt: skip
             else:
-                keys = tl.trans(driver.fp_rows(kf0, kf0_sb, kf0_sh, kf0_sl, kf0_n, kf1, kf1_sb, kf1_sh, kf1_sl, kf1_n, b, h,
-                                        t - KQ, od))  # fmt: skip
+                keys = tl.trans(driver.fp_rows(kf0, kf0_sb, kf0_sh, kf0_sl, kf0_n, kf1, kf1_sb, kf1_sh, kf1_sl, kf1_n,
+                                               kf2, kf2_sb, kf2_sh, kf2_sl, kf2_n, b, h, t - KQ, od))  # fmt: skip
             packed = affine_values(vc, vc_sb, vc_sh, vc_st, vs, vz, vs_sb, vs_sh, vs_st, b, h, t, t < VQ, od, VB, G)
-            fp = driver.fp_rows(
-                vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n, b, h, t - VQ, od
-            )
+            fp = driver.fp_rows(vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n,
+                                vf2, vf2_sb, vf2_sh, vf2_sl, vf2_n, b, h, t - VQ, od)  # fmt: skip
             values = tl.where((t < VQ)[:, None], packed, fp)
             s = driver.dot(query, keys, 0, False)
             m_i, l_i, acc = driver.attend_tile(

@@ -14,7 +14,7 @@ import struct
 
 import torch
 
-from ...config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual
+from ...config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual, check_sinks
 from ...primitives import unpack_bits
 from ...registry import register
 from ...store import CompressedLayer, Format
@@ -58,6 +58,8 @@ class QJLConfig(MethodConfig):
         scale_dtype: storage dtype of key norms and value scales/zeros: "float16" (default), "bfloat16",
             "float32", or None for the input dtype.
         check_finite: reject NaN/Inf keys and values on append (costs one pass over the input).
+        sink_tokens: the first S tokens of the layer are kept in full precision and never quantized (attention
+            sinks, as KVQuant and RotateKV keep them); 0, the paper's method, by default.
 
     Storage per key, head_dim d (see :func:`qjl_key_bits`): ``m + 16`` bits, plus ``m_o + 16`` when k > 0,
     plus ``8 k / G`` for the group's outlier indices (16 k / G when d > 256). The defaults (m = 256,
@@ -84,6 +86,7 @@ class QJLConfig(MethodConfig):
     seed: int = 0
     scale_dtype: str | None = "float16"
     check_finite: bool = True
+    sink_tokens: int = 0
 
     channel_packed_bits = ("value_bits",)
 
@@ -108,6 +111,7 @@ class QJLConfig(MethodConfig):
         check_residual(self.group_size, self.residual_length)
         check_bool("orthogonal", self.orthogonal)
         check_bool("check_finite", self.check_finite)
+        check_sinks(self.sink_tokens)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.scale_dtype is not None:

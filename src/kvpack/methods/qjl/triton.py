@@ -31,8 +31,8 @@ def signs_pm(sg, at, sg_sg, oj, op, BITS: tl.constexpr):
 @triton.jit
 def _qjl_decode(
     q, q_sb, q_sh, q_sm, mask, m_sb, m_sh, m_sm,
-    kf0, kf0_sb, kf0_sh, kf0_sl, kf0_n, kf1, kf1_sb, kf1_sh, kf1_sl, kf1_n,
-    vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n,
+    kf0, kf0_sb, kf0_sh, kf0_sl, kf0_n, kf1, kf1_sb, kf1_sh, kf1_sl, kf1_n, kf2, kf2_sb, kf2_sh, kf2_sl, kf2_n,
+    vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n, vf2, vf2_sb, vf2_sh, vf2_sl, vf2_n,
     sq, sketch, oi, oi_sb, oi_sh, oi_sn, sg, sg_sb, sg_sh, sg_sn, sg_sg, nm, on, nm_sb, nm_sh, nm_sn,
     os, os_sb, os_sh, os_sn, os_sg,
     vc, vc_sb, vc_sh, vc_st, vs, vz, vs_sb, vs_sh, vs_st,
@@ -69,8 +69,8 @@ def _qjl_decode(
                 s_out = driver.dot(outliers, signs_pm(os, at, os_sg, oj, oo, MO), DOT, EMULATE)
                 s += s_out * (tl.load(on + norm_at).to(tl.float32) * (1.2533141373155003 / MO))[None, :]
         else:
-            keys = driver.fp_rows(kf0, kf0_sb, kf0_sh, kf0_sl, kf0_n, kf1, kf1_sb, kf1_sh, kf1_sl, kf1_n, b, h,
-                                  t - KQ, od)  # fmt: skip
+            keys = driver.fp_rows(kf0, kf0_sb, kf0_sh, kf0_sl, kf0_n, kf1, kf1_sb, kf1_sh, kf1_sl, kf1_n,
+                                  kf2, kf2_sb, kf2_sh, kf2_sl, kf2_n, b, h, t - KQ, od)  # fmt: skip
             s = driver.dot(query, tl.trans(keys), 0, False)  # the residual: float32 products (a few tiles)
         if t0 + G <= VQ:
             values = affine_values(vc, vc_sb, vc_sh, vc_st, vs, vz, vs_sb, vs_sh, vs_st, b, h, t, t < VQ, od, VB, G)
@@ -79,9 +79,8 @@ def _qjl_decode(
             )
         else:  # the window: float32 products
             packed = affine_values(vc, vc_sb, vc_sh, vc_st, vs, vz, vs_sb, vs_sh, vs_st, b, h, t, t < VQ, od, VB, G)
-            fp = driver.fp_rows(
-                vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n, b, h, t - VQ, od
-            )
+            fp = driver.fp_rows(vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n,
+                                vf2, vf2_sb, vf2_sh, vf2_sl, vf2_n, b, h, t - VQ, od)  # fmt: skip
             values = tl.where((t < VQ)[:, None], packed, fp)
             m_i, l_i, acc = driver.attend_tile(
                 s, values, m_i, l_i, acc, mask, m_sb, m_sh, m_sm, b, h, om, M, t, end, scale2, HAS_MASK, 0, False

@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from ...config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual
+from ...config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual, check_sinks
 from ...primitives import pack_bits, unpack_bits
 from ...registry import register
 from ...store import CompressedLayer, Format
@@ -90,6 +90,8 @@ class TurboConfig(MethodConfig):
         seed: rotation seed; the rotation of layer i depends only on (seed, i, head_dim).
         scale_dtype: storage dtype of the per-token scales: "float16" (default), "bfloat16", "float32".
         check_finite: reject NaN/Inf keys and values on append.
+        sink_tokens: the first S tokens of the layer are kept in full precision and never quantized (attention
+            sinks, as KVQuant and RotateKV keep them); 0, the paper's method, by default.
 
     Bits per element: ``bits + 16 / head_dim`` for the quantized part (2.25 at 2 bits, head_dim 64).
     ``head_dim * bits`` must be a multiple of 8 for both widths (codes are packed along the channels), and
@@ -104,6 +106,7 @@ class TurboConfig(MethodConfig):
     seed: int = 0
     scale_dtype: str = "float16"
     check_finite: bool = True
+    sink_tokens: int = 0
 
     channel_packed_bits = ("key_bits", "value_bits")
 
@@ -115,6 +118,7 @@ class TurboConfig(MethodConfig):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         check_bool("check_finite", self.check_finite)
+        check_sinks(self.sink_tokens)
 
 
 #: Inputs of at most this many coordinates (a decode step's tokens) find their cells in one broadcast compare.

@@ -36,8 +36,8 @@ def codebook_rows(c, c_sb, c_sh, c_st, sc, s_sb, s_sh, s_st, book, b, h, t, vali
 @triton.jit
 def _turbo_decode(
     q, q_sb, q_sh, q_sm, mask, m_sb, m_sh, m_sm,
-    kf0, kf0_sb, kf0_sh, kf0_sl, kf0_n, kf1, kf1_sb, kf1_sh, kf1_sl, kf1_n,
-    vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n,
+    kf0, kf0_sb, kf0_sh, kf0_sl, kf0_n, kf1, kf1_sb, kf1_sh, kf1_sl, kf1_n, kf2, kf2_sb, kf2_sh, kf2_sl, kf2_n,
+    vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n, vf2, vf2_sb, vf2_sh, vf2_sl, vf2_n,
     qr, kc, kc_sb, kc_sh, kc_st, ks, ks_sb, ks_sh, ks_st, kbook,
     vc, vc_sb, vc_sh, vc_st, vs, vs_sb, vs_sh, vs_st, vbook,
     out, part_m, part_l, H, M, KQ, VQ, T, CHUNK, splits, scale2,
@@ -64,13 +64,12 @@ def _turbo_decode(
                                      KB)  # fmt: skip
                 s = driver.dot(rotated, tl.trans(keys), 0, False)
             else:
-                keys = driver.fp_rows(kf0, kf0_sb, kf0_sh, kf0_sl, kf0_n, kf1, kf1_sb, kf1_sh, kf1_sl, kf1_n, b, h,
-                                      t - KQ, od)  # fmt: skip
+                keys = driver.fp_rows(kf0, kf0_sb, kf0_sh, kf0_sl, kf0_n, kf1, kf1_sb, kf1_sh, kf1_sl, kf1_n,
+                                      kf2, kf2_sb, kf2_sh, kf2_sl, kf2_n, b, h, t - KQ, od)  # fmt: skip
                 s = driver.dot(query, tl.trans(keys), 0, False)
             packed = codebook_rows(vc, vc_sb, vc_sh, vc_st, vs, vs_sb, vs_sh, vs_st, vbook, b, h, t, t < VQ, od, VB)
-            fp = driver.fp_rows(  # the window, rotated before the launch
-                vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n, b, h, t - VQ, od
-            )
+            fp = driver.fp_rows(vf0, vf0_sb, vf0_sh, vf0_sl, vf0_n, vf1, vf1_sb, vf1_sh, vf1_sl, vf1_n,
+                                vf2, vf2_sb, vf2_sh, vf2_sl, vf2_n, b, h, t - VQ, od)  # fmt: skip
             values = tl.where((t < VQ)[:, None], packed, fp)
             m_i, l_i, acc = driver.attend_tile(
                 s, values, m_i, l_i, acc, mask, m_sb, m_sh, m_sm, b, h, om, M, t, end, scale2, HAS_MASK, 0, False
