@@ -4,6 +4,7 @@ Importing kvpack imports neither transformers nor any compiler; :mod:`kvpack.hf`
 integration and is loaded on first use of its functions.
 """
 
+from . import presets
 from .config import MethodConfig
 from .errors import CacheFileError
 from .methods import CompressedLayer, KIVIConfig, KIVILayer, QJLConfig, QJLLayer, TurboConfig, TurboLayer
@@ -24,6 +25,7 @@ __all__ = [
     "config_class",
     "make_layer",
     "method_names",
+    "presets",
     "variants",
     "__version__",
     "disable",

@@ -359,7 +359,12 @@ def test_default_matrix_has_every_registered_method():
     methods = {s.config.method for s in specs if s.config is not None}
     assert methods == set(kvpack.method_names())
     assert specs[3].config.sketch_dim == 2 * 64 and specs[4].config.sketch_dim == 4 * 64
-    assert labels[-1] == "turbo-K4V2" and (specs[-1].config.key_bits, specs[-1].config.value_bits) == (4, 2)
+    variants = [s for s in specs if s.preset is None]
+    assert variants[-1].label == "turbo-K4V2" and (variants[-1].config.key_bits, variants[-1].config.value_bits) == (
+        4,
+        2,
+    )
+    assert [s.label for s in specs if s.preset] == list(kvpack.presets.names())  # the presets close the matrix
     assert len(set(labels)) == len(labels)
 
 
@@ -491,3 +496,25 @@ def test_run_matrix_writes_every_report_file(model, tokenizer, tmp_path, monkeyp
 def test_importing_kvpack_eval_does_not_import_transformers():
     code = "import sys, kvpack.eval, kvpack.commands.eval; sys.exit('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_text_flag_reads_a_users_utf8_file_for_perplexity_and_distortion(tmp_path):
+    from kvpack.cli import build_parser
+    from kvpack.commands.eval import resolve_config
+    from kvpack.eval.matrix import corpus
+
+    path = tmp_path / "mine.txt"
+    path.write_text("Il était une fois — naïve café. " * 50, encoding="utf-8")
+    config = resolve_config(build_parser().parse_args(["eval", "--quick", "--text", str(path)]))
+    assert config.ppl.text_file == config.distortion.text_file == str(path)
+    assert corpus(config.ppl.book, config.ppl.text_file) == path.read_text(encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        corpus("prideprejudice", str(tmp_path / "latin1.txt"))
+    (tmp_path / "blank.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="holds no text"):
+        corpus("prideprejudice", str(tmp_path / "blank.txt"))
+    with pytest.raises(ValueError, match="cannot be read"):
+        corpus("prideprejudice", str(tmp_path / "absent.txt"))
+    with pytest.raises(SystemExit, match="alternatives"):
+        resolve_config(build_parser().parse_args(["eval", "--text", str(path), "--book", "emma"]))

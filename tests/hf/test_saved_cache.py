@@ -85,3 +85,45 @@ def test_bad_saves_and_loads_are_rejected(tmp_path, tiny_llama):
     kvpack.io.save_layers(tmp_path / "layers.kvpack", [layer])
     with pytest.raises(ValueError, match="not a saved cache"):
         kvpack.load_cache(tiny_llama, tmp_path / "layers.kvpack")
+
+
+def test_per_layer_configs_are_applied_saved_and_loaded(tmp_path, tiny_llama):
+    """``layer_configs``: layer 0 at 4 bits with sinks, layer 1 another method; the file carries them and the
+    loaded cache continues exactly; a file refused if its layers' configs disagree with its header."""
+    kvpack.enable(tiny_llama)
+    base = kvpack.KIVIConfig(group_size=8, residual_length=16)
+    per_layer = {0: kvpack.TurboConfig(key_bits=4, group_size=8, residual_length=16, sink_tokens=2),
+                 1: base.replace(key_bits=4, value_bits=4)}  # fmt: skip
+    cache = kvpack.make_cache(tiny_llama, base, layer_configs=per_layer)
+    assert [layer.store.config for layer in cache.layers] == [per_layer[0], per_layer[1]]
+    assert cache.config_of(0) == per_layer[0] and cache.layer_configs == per_layer
+    prompt = torch.randint(2, 128, (2, 45), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache, logits = runtime.forward(tiny_llama, prompt, cache, logits_to_keep=1)
+    kvpack.save_cache(cache, tmp_path / "layers.kvpack")
+    loaded = kvpack.load_cache(tiny_llama, tmp_path / "layers.kvpack")
+    assert loaded.layer_configs == per_layer and loaded.method_config == base
+    first = logits[:, -1:].argmax(-1)
+    want_tokens, want_logits = _greedy(tiny_llama, copy.deepcopy(cache), first, 20)
+    got_tokens, got_logits = _greedy(tiny_llama, loaded, first, 20)
+    assert torch.equal(got_tokens, want_tokens) and torch.equal(got_logits, want_logits)
+    # the same layers saved under a header without the per-layer configs: refused, naming the layer
+    plain = kvpack.make_cache(tiny_llama, base)
+    with torch.no_grad():
+        plain, _ = runtime.forward(tiny_llama, prompt, plain, logits_to_keep=1)
+    plain.layers = cache.layers
+    kvpack.save_cache(plain, tmp_path / "forged.kvpack")
+    with pytest.raises(kvpack.CacheFileError, match="layer 0"):
+        kvpack.load_cache(tiny_llama, tmp_path / "forged.kvpack")
+
+
+def test_bad_layer_configs_are_refused(tiny_llama):
+    base = kvpack.KIVIConfig(group_size=8, residual_length=16)
+    with pytest.raises(ValueError, match="layer_configs must be layer indices"):
+        kvpack.make_cache(tiny_llama, base, layer_configs={2: base})
+    with pytest.raises(ValueError, match="both skipped and given a config"):
+        kvpack.make_cache(tiny_llama, base, skip_layers=(0,), layer_configs={0: base})
+    with pytest.raises(TypeError, match="layer_configs\\[0\\] must be a kvpack MethodConfig"):
+        kvpack.make_cache(tiny_llama, base, layer_configs={0: {"method": "kivi"}})
+    with pytest.raises(ValueError, match="group_size 32 must divide"):
+        kvpack.make_cache(tiny_llama, base, layer_configs={1: kvpack.KIVIConfig()})

@@ -37,6 +37,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, help="seed of retrieval samples and memory fills")
     parser.add_argument("--book", help="Austen novel for perplexity and distortion (default prideprejudice)")
+    parser.add_argument("--text", metavar="FILE",
+                        help="a UTF-8 text file of your own for perplexity and distortion (instead of --book)")  # fmt: skip
     parser.add_argument("--prefill", type=int, help="perplexity: prompt tokens per window")
     parser.add_argument("--tokens", type=int, help="perplexity: tokens scored one at a time after the prompt")
     parser.add_argument("--windows", type=int, help="perplexity: text windows")
@@ -67,9 +69,14 @@ def _flag_changes(args) -> dict:
     if args.no_share_prefill:
         changes["share_prefill"] = False
     ppl = {k: getattr(args, k) for k in ("prefill", "tokens", "windows") if getattr(args, k) is not None}
+    if args.book is not None and args.text is not None:
+        raise SystemExit("--book and --text are alternatives; give one")
     if args.book is not None:
         ppl["book"] = args.book
         changes["distortion"] = {"book": args.book}
+    if args.text is not None:
+        ppl["text_file"] = args.text
+        changes["distortion"] = {"text_file": args.text}
     if ppl:
         changes["ppl"] = ppl
     sweep = {k: getattr(args, k) for k in ("lengths", "depths") if getattr(args, k) is not None}

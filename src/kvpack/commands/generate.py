@@ -55,6 +55,10 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("prompt", help="the user message (sent through the chat template unless --raw)")
     parser.add_argument("--method", choices=kvpack.method_names(), default="kivi", help="cache method (default kivi)")
+    from kvpack.presets import PRESETS
+
+    parser.add_argument("--preset", choices=tuple(PRESETS), metavar="NAME",
+                        help=f"a named recipe instead of --method and its flags: {', '.join(PRESETS)} (kvpack info)")  # fmt: skip
     parser.add_argument(
         "--model", default=None, help="local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"
     )
@@ -120,7 +124,15 @@ def run(args) -> int:
     from kvpack.hf import enable, load_model, make_cache, runtime
 
     try:
-        method_config = method_config_from_args(args)
+        if args.preset is None:
+            method_config = method_config_from_args(args)
+        else:
+            given = sorted(key for key in vars(args) if key.startswith("config_"))
+            if given or args.method != "kivi":
+                flags = ["--method"] if args.method != "kivi" else []
+                flags += ["--" + key[len("config_") :].replace("_", "-") for key in given]
+                raise ValueError(f"--preset sets the method and its config; drop {', '.join(flags)}")
+            method_config = args.preset
     except ValueError as err:
         print(f"kvpack generate: error: {err}", file=sys.stderr)
         return 2
@@ -168,7 +180,8 @@ def run(args) -> int:
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
     path = "fused" if args.fused else "compat"
     speed = f"{new_tokens} new tokens in {seconds:.1f} s, {new_tokens / seconds:.1f} tok/s"
-    print(f"[{speed}; {method_config}; {path}]", file=sys.stderr)
+    described = f"preset {args.preset}: {cache.method_config}" if args.preset else str(method_config)
+    print(f"[{speed}; {described}; {path}]", file=sys.stderr)
     held, fp16 = cache.nbytes(), cache.fp16_nbytes()
     ratio = f"{held / fp16:.3f}x" if fp16 else "-"
     tokens = cache.get_seq_length()

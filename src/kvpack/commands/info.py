@@ -75,4 +75,10 @@ def run(args) -> int:
         fields.pop("method")
         print(f"  {name:<6} " + ", ".join(f"{key}={value!r}" for key, value in fields.items()))
     print("named settings (kvpack eval / bench / demo rows): " + ", ".join(kvpack.variants()))
+    from kvpack.presets import PRESETS
+
+    print("presets (make_cache(model, NAME), kvpack generate --preset NAME, eval rows):")
+    for preset in PRESETS.values():
+        measured = ", ".join(f"{key} {value}" for key, value in preset.measured.items())
+        print(f"  {preset.name:<8} {preset.summary}" + (f" [{measured}]" if measured else ""))
     return 0

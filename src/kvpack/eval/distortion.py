@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -189,7 +189,7 @@ def _layer_error(config: MethodConfig, layer_idx: int, query, keys, values, scal
 
 def attention_distortion(
     capture: AttentionCapture,
-    methods: Mapping[str, MethodConfig],
+    methods: Mapping[str, MethodConfig | Callable[[int], MethodConfig | None]],
     *,
     progress: bool = False,
 ) -> dict[str, DistortionResult]:
@@ -197,7 +197,8 @@ def attention_distortion(
 
     Args:
         capture: real queries, keys and values.
-        methods: label -> method config (fp has no entry: its error is 0 by construction).
+        methods: label -> method config, or ``layer index -> config`` (per-layer settings; None: a layer kept
+            in full precision, error 0). fp has no entry: its error is 0 by construction.
         progress: show a tqdm bar on stderr.
 
     Returns:
@@ -210,9 +211,9 @@ def attention_distortion(
             start = time.perf_counter()
             per_layer = []
             for i in range(num_layers):
-                per_layer.append(
-                    _layer_error(config, i, capture.queries[i], capture.keys[i], capture.values[i], capture.scales[i])
-                )
+                layer_config = config(i) if callable(config) else config
+                per_layer.append(0.0 if layer_config is None else _layer_error(
+                    layer_config, i, capture.queries[i], capture.keys[i], capture.values[i], capture.scales[i]))  # fmt: skip
                 bar.update()
             results[label] = DistortionResult(
                 label=label,

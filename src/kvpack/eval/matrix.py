@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..config import MethodConfig
@@ -49,14 +50,22 @@ SUITES = ("ppl", "passkey", "niah", "distortion", "memory")
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    """One column of the matrix: a label and a method config (None: the fp ``DynamicCache``)."""
+    """One column of the matrix: a label and a method config (None: the fp ``DynamicCache``), or a preset
+    (:mod:`kvpack.presets`: its config and per-layer settings)."""
 
     label: str
     config: MethodConfig | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.label, str) or not self.label:
             raise ValueError(f"label must be a non-empty string, got {self.label!r}")
+        if self.preset is not None:
+            from ..presets import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+            object.__setattr__(self, "config", PRESETS[self.preset].config)
         if self.config is not None and not isinstance(self.config, MethodConfig):
             raise TypeError(f"config must be a kvpack MethodConfig or None, got {type(self.config).__name__}")
 
@@ -68,16 +77,32 @@ class MethodSpec:
         """``factory(model)`` -> a fresh kvpack cache, or None for fp."""
         if self.config is None:
             return None
-        config = self.config
+        what = self.preset or self.config
 
         def factory(model):
             from ..hf import make_cache
 
-            return make_cache(model, config)
+            return make_cache(model, what)
 
         return factory
 
+    def layer_settings(self, num_layers: int) -> tuple[dict[int, MethodConfig], tuple[int, ...]]:
+        """(per-layer configs, skipped layers) of a preset for a model of ``num_layers`` layers; empty else."""
+        if self.preset is None:
+            return {}, ()
+        from ..presets import PRESETS
+
+        preset = PRESETS[self.preset]
+        return preset.layer_configs(num_layers), preset.skip_layers(num_layers)
+
+    def layer_config(self, num_layers: int):
+        """``layer index -> config`` (None: a full-precision layer) for the distortion suite."""
+        per_layer, skipped = self.layer_settings(num_layers)
+        return lambda i: None if i in skipped else per_layer.get(i, self.config)
+
     def to_dict(self) -> dict[str, Any]:
+        if self.preset is not None:
+            return {"label": self.label, "preset": self.preset}
         if self.config is None:
             return {"label": self.label, "method": "fp"}
         return {"label": self.label, **self.config.to_dict()}
@@ -99,6 +124,12 @@ class MethodSpec:
                     f"(or a mapping with 'method'), got {data!r}"
                 ) from None
         fields = dict(data)
+        if "preset" in fields:
+            preset = fields.pop("preset")
+            label = fields.pop("label", preset)
+            if fields:
+                raise ValueError(f"a preset entry takes only 'preset' and 'label', got {sorted(fields)}")
+            return cls(label, preset=preset)
         method = fields.pop("method", None)
         label = fields.pop("label", None)
         if method is None:
@@ -116,9 +147,11 @@ class MethodSpec:
 def default_methods() -> list[MethodSpec]:
     """fp, then every registered method's named settings (:func:`kvpack.variants`: KIVI-4, KIVI-2, QJL at
     m = 2d and 4d (d = 64), turbo, and turbo with 4-bit keys and 2-bit values, ...)."""
+    from ..presets import PRESETS
     from ..registry import variants
 
-    return [MethodSpec("fp")] + [MethodSpec(label, config) for label, config in variants().items()]
+    methods = [MethodSpec("fp")] + [MethodSpec(label, config) for label, config in variants().items()]
+    return methods + [MethodSpec(name, preset=name) for name in PRESETS]
 
 
 # --- settings -----------------------------------------------------------------------------------------
@@ -155,19 +188,51 @@ class _Section:
         return dataclasses.replace(self, **changes)
 
 
+def _check_text_file(value) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"text_file must be a path or None, got {value!r}")
+
+
+def corpus(book: str, text_file: str | None = None) -> str:
+    """The text a suite reads: the UTF-8 file ``text_file`` (any text a user brings), else the Austen novel
+    ``book``.
+
+    Raises:
+        ValueError: the file cannot be read, is not UTF-8, or holds no text.
+    """
+    if text_file is None:
+        from ..data import austen_text
+
+        return austen_text(book)
+    try:
+        data = Path(text_file).read_bytes()
+    except OSError as err:
+        raise ValueError(f"text file {text_file}: cannot be read ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"text file {text_file} is not UTF-8 text (invalid byte at offset {err.start})") from None
+    if not text.strip():
+        raise ValueError(f"text file {text_file} holds no text")
+    return text
+
+
 @dataclasses.dataclass(frozen=True)
 class PerplexitySettings(_Section):
-    """Decode-mode quality (:func:`kvpack.eval.perplexity`): ``windows`` windows of ``book``."""
+    """Decode-mode quality (:func:`kvpack.eval.perplexity`): ``windows`` windows of ``book``, or of the UTF-8
+    file ``text_file`` when set."""
 
     book: str = "prideprejudice"
     prefill: int = 2048
     tokens: int = 128
     windows: int = 2
     batch_size: int = 4
+    text_file: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("prefill", "tokens", "windows", "batch_size"):
             _positive_int(name, getattr(self, name))
+        _check_text_file(self.text_file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,13 +263,16 @@ class RetrievalSettings(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class DistortionSettings(_Section):
-    """Attention distortion (:func:`kvpack.eval.attention_distortion`) on ``context`` tokens of ``book``."""
+    """Attention distortion (:func:`kvpack.eval.attention_distortion`) on ``context`` tokens of ``book`` (or of
+    ``text_file``)."""
 
     book: str = "prideprejudice"
     context: int = 2048
     queries: int = 32
+    text_file: str | None = None
 
     def __post_init__(self) -> None:
+        _check_text_file(self.text_file)
         _positive_int("context", self.context)
         _positive_int("queries", self.queries)
         if self.queries > self.context:
@@ -399,7 +467,6 @@ def run_matrix(model, tokenizer, config: EvalConfig, *, progress: bool = False) 
     """
     import torch
 
-    from ..data import austen_text
     from .distortion import attention_distortion, capture_attention
     from .memory import kv_shape, memory_footprint
     from .perplexity import decode_reference, perplexity
@@ -413,6 +480,7 @@ def run_matrix(model, tokenizer, config: EvalConfig, *, progress: bool = False) 
         with _timed(run, "memory"):
             layers, heads, head_dim = kv_shape(model)
             for spec in methods:
+                per_layer, skipped = spec.layer_settings(layers)
                 run.memory[spec.label] = memory_footprint(
                     spec.config,
                     config.memory.lengths,
@@ -421,12 +489,14 @@ def run_matrix(model, tokenizer, config: EvalConfig, *, progress: bool = False) 
                     head_dim=head_dim,
                     dtype=config.memory.dtype,
                     seed=config.seed,
+                    layer_configs=per_layer,
+                    skip_layers=skipped,
                 )
 
     if "ppl" in config.suites:
         settings = config.ppl
         with _timed(run, "ppl"):
-            text = austen_text(settings.book)
+            text = corpus(settings.book, settings.text_file)
             reference = decode_reference(
                 model,
                 tokenizer,
@@ -482,11 +552,13 @@ def run_matrix(model, tokenizer, config: EvalConfig, *, progress: bool = False) 
     if "distortion" in config.suites and quantized:
         settings = config.distortion
         with _timed(run, "distortion"):
-            ids = tokenizer(austen_text(settings.book), add_special_tokens=False)["input_ids"][: settings.context]
+            text = corpus(settings.book, settings.text_file)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][: settings.context]
             if len(ids) < settings.context:
-                raise ValueError(f"{settings.book} has {len(ids)} tokens, fewer than context {settings.context}")
+                source = settings.text_file or settings.book
+                raise ValueError(f"{source} has {len(ids)} tokens, fewer than context {settings.context}")
             capture = capture_attention(model, torch.tensor([ids]), queries=settings.queries)
             run.distortion = attention_distortion(
-                capture, {spec.label: spec.config for spec in quantized}, progress=progress
+                capture, {spec.label: spec.layer_config(len(capture.keys)) for spec in quantized}, progress=progress
             )
     return run

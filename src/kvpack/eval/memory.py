@@ -14,7 +14,7 @@ heads at the first length (a method breaking the proportionality is then measure
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -86,11 +86,15 @@ def memory_footprint(
     head_dim: int,
     dtype: str = "float16",
     seed: int = 0,
+    layer_configs: Mapping[int, MethodConfig] | None = None,
+    skip_layers: Sequence[int] = (),
 ) -> list[MemoryRow]:
     """Bytes held at each context length in ``lengths`` by a ``layers``-layer cache of ``config``.
 
     Args:
         config: a method config; None is the fp16 baseline (compression 1, 16 bits).
+        layer_configs, skip_layers: per-layer settings (a preset's): these layers' own configs, and layers
+            held unquantized in ``dtype``.
         lengths: context lengths L (any order; each is measured).
         layers, kv_heads, head_dim: the model's cache shape (see :func:`kv_shape`).
         dtype: dtype of the keys/values fed in, which is also the dtype of the fp residual: one of
@@ -112,6 +116,18 @@ def memory_footprint(
     generator = torch.Generator().manual_seed(seed)
     if config is None:
         held = {tokens: layers * 2 * kv_heads * tokens * head_dim * 2 for tokens in ordered}
+    elif layer_configs or skip_layers:  # per layer: each distinct config's layer bytes, times its layers
+        torch_dtype = _DTYPES[dtype]
+        per_layer = [None if i in skip_layers else (layer_configs or {}).get(i, config) for i in range(layers)]
+        held = dict.fromkeys(ordered, 0)
+        for layer_config in set(per_layer):
+            n = per_layer.count(layer_config)
+            if layer_config is None:
+                counts = [2 * kv_heads * t * head_dim * torch_dtype.itemsize for t in ordered]
+            else:
+                counts = _fill_bytes(layer_config, 1, kv_heads, head_dim, ordered, torch_dtype, generator)
+            for tokens, count in zip(ordered, counts):
+                held[tokens] += n * count
     else:
         torch_dtype = _DTYPES[dtype]
         per_head = _fill_bytes(config, 1, 1, head_dim, ordered[:1], torch_dtype, generator)[0]

@@ -181,14 +181,14 @@ def _conditions(run: EvalRun) -> list[str]:
     if run.perplexity:
         p = config.ppl
         notes.append(
-            f"ppl, KL (fp || method, nats, mean per position) and top-1 agreement with fp: {p.book}, {p.windows} "
+            f"ppl, KL (fp || method, nats, mean per position) and top-1 agreement with fp: {p.text_file or p.book}, {p.windows} "
             f"window(s) of {p.prefill} prefill tokens then {p.tokens} tokens fed one at a time through the cache."
         )
     if run.distortion:
         d = config.distortion
         notes.append(
             f"attn rel err: |p_hat - p| / |p| of the attention weights, mean over layers, for the last {d.queries} "
-            f"queries of {d.context} tokens of {d.book}, appended one at a time."
+            f"queries of {d.context} tokens of {d.text_file or d.book}, appended one at a time."
         )
     if run.retrieval:
         parts = []
@@ -329,7 +329,7 @@ def _plot_quality(run: EvalRun, path: Path) -> None:
     for ax in (ax_ppl, ax_kl):
         ax.grid(alpha=0.3)
     p = run.config.ppl
-    fig.suptitle(f"Quality vs memory ({p.prefill} prefill + {p.tokens} decoded tokens, {p.book})", fontsize=10)
+    fig.suptitle(f"Quality vs memory ({p.prefill} prefill + {p.tokens} decoded tokens, {p.text_file or p.book})", fontsize=10)
     fig.savefig(path)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from transformers import Cache, DynamicCache, DynamicLayer
@@ -209,34 +209,52 @@ class KVPackCache(Cache):
 
     Args:
         config: the model's config (its decoder text config is used).
-        method_config: the kvpack method config shared by every quantized layer.
+        method_config: the kvpack method config of every quantized layer not in ``layer_configs``.
         skip_layers: layer indices kept in full precision (a plain ``DynamicLayer``).
+        layer_configs: layer index -> the config of that layer (per-layer precision: e.g. more bits for the
+            layers that are most sensitive); any method, each checked against the model's head_dim.
 
     Raises:
-        ValueError: a ``skip_layers`` index is out of range, or ``group_size`` does not divide head_dim.
+        ValueError: a ``skip_layers`` or ``layer_configs`` index is out of range, a layer both skipped and
+            configured, or a config whose ``group_size`` does not divide head_dim.
+        TypeError: a ``layer_configs`` value that is not a kvpack MethodConfig.
     """
 
-    def __init__(self, config, method_config: MethodConfig, skip_layers: Iterable[int] = ()) -> None:
+    def __init__(self, config, method_config: MethodConfig, skip_layers: Iterable[int] = (),
+                 layer_configs: Mapping[int, MethodConfig] | None = None) -> None:  # fmt: skip
         if not isinstance(method_config, MethodConfig):
             raise TypeError(f"method_config must be a kvpack MethodConfig, got {type(method_config).__name__}")
         text_config = config.get_text_config(decoder=True)
         # transformers' own layer dispatch (sliding, chunked, linear, KV sharing) gives the unquantized layers.
         layers = DynamicCache(config=text_config).layers
         skip = set(skip_layers)
-        bad = sorted(i for i in skip if not isinstance(i, int) or not 0 <= i < len(layers))
-        if bad:
-            raise ValueError(f"skip_layers must be layer indices in [0, {len(layers)}), got {bad}")
-        _check_head_dim(text_config, method_config)
+        per_layer = dict(layer_configs or {})
+        for name, indices in (("skip_layers", skip), ("layer_configs", per_layer)):
+            bad = sorted(i for i in indices if type(i) is not int or not 0 <= i < len(layers))
+            if bad:
+                raise ValueError(f"{name} must be layer indices in [0, {len(layers)}), got {bad}")
+        if skip & set(per_layer):
+            raise ValueError(f"layers {sorted(skip & set(per_layer))} are both skipped and given a config")
+        for i, layer_config in per_layer.items():
+            if not isinstance(layer_config, MethodConfig):
+                raise TypeError(f"layer_configs[{i}] must be a kvpack MethodConfig, got {type(layer_config).__name__}")
+        for layer_config in {method_config, *per_layer.values()}:
+            _check_head_dim(text_config, layer_config)
         for i, layer in enumerate(layers):
             # Exactly DynamicLayer: subclasses (sliding window, indexed) keep their own semantics.
             if type(layer) is DynamicLayer and i not in skip:
-                layers[i] = KVPackLayer(method_config, layer_idx=i)
+                layers[i] = KVPackLayer(per_layer.get(i, method_config), layer_idx=i)
         if not any(isinstance(layer, KVPackLayer) for layer in layers):
             logger.warning("no layer of this model is quantized (all skipped, sliding-window or not attention)")
         super().__init__(layers=layers)
         self.method_config = method_config
         self.skip_layers = tuple(sorted(skip))
+        self.layer_configs = {i: per_layer[i] for i in sorted(per_layer)}
         self._text_config = text_config
+
+    def config_of(self, layer_idx: int) -> MethodConfig:
+        """The method config of quantized layer ``layer_idx``."""
+        return self.layer_configs.get(layer_idx, self.method_config)
 
     def __deepcopy__(self, memo):
         # A copy (e.g. a reused prompt cache) follows the same model: share its config instead of copying it,
@@ -278,7 +296,9 @@ class KVPackCache(Cache):
 
     def __repr__(self) -> str:
         kinds = [type(layer).__name__ for layer in self.layers]
-        return f"KVPackCache(method_config={self.method_config}, layers={kinds}, tokens={self.get_seq_length()})"
+        per_layer = f", layer_configs={self.layer_configs}" if self.layer_configs else ""
+        return (f"KVPackCache(method_config={self.method_config}{per_layer}, layers={kinds}, "
+                f"tokens={self.get_seq_length()})")  # fmt: skip
 
 
 def _head_dim(text_config) -> int | None:
@@ -300,15 +320,19 @@ def make_cache(
     method_config: MethodConfig | str = "kivi",
     *,
     skip_layers: Iterable[int] = (),
+    layer_configs: Mapping[int, MethodConfig] | None = None,
     **overrides,
 ) -> KVPackCache:
     """A fresh :class:`KVPackCache` for ``model``, to pass as ``cache=`` to ``generate`` or ``forward``.
 
     Args:
         model: a transformers model (or its config).
-        method_config: a kvpack method config, or a method name (``kvpack.method_names()``) for its defaults.
-        skip_layers: layer indices kept in full precision.
-        **overrides: config fields to change, e.g. ``key_bits=4, residual_length=64``.
+        method_config: a kvpack method config, a method name (``kvpack.method_names()``) for its defaults, or a
+            preset name (``kvpack.presets.names()``: a config with its per-layer settings).
+        skip_layers: layer indices kept in full precision (added to a preset's).
+        layer_configs: layer index -> config for that layer (per-layer precision; over a preset's).
+        **overrides: config fields to change, e.g. ``key_bits=4, residual_length=64`` (of ``method_config``;
+            not with a preset).
 
     Returns:
         A :class:`KVPackCache`; the model attends through the packed store after :func:`kvpack.hf.enable`.
@@ -317,6 +341,17 @@ def make_cache(
         ValueError: unknown method name or config field, invalid field value, bad ``skip_layers``.
     """
     if isinstance(method_config, str):
+        from ..presets import PRESETS
+
+        if method_config in PRESETS:
+            if overrides:
+                raise ValueError(f"preset {method_config!r} takes no config overrides, got {sorted(overrides)}")
+            preset = PRESETS[method_config]
+            num_layers = getattr(model, "config", model).get_text_config(decoder=True).num_hidden_layers
+            layer_configs = {**preset.layer_configs(num_layers), **(layer_configs or {})}
+            skip_layers = sorted(set(skip_layers) | set(preset.skip_layers(num_layers)))
+            return KVPackCache(getattr(model, "config", model), preset.config, skip_layers=skip_layers,
+                               layer_configs=layer_configs)  # fmt: skip
         method_config = config_class(method_config)()
     if not isinstance(method_config, MethodConfig):
         raise TypeError(
@@ -331,7 +366,7 @@ def make_cache(
             )
         method_config = method_config.replace(**overrides)
     config = getattr(model, "config", model)
-    return KVPackCache(config, method_config, skip_layers=skip_layers)
+    return KVPackCache(config, method_config, skip_layers=skip_layers, layer_configs=layer_configs)
 
 
 # --- saved caches ---------------------------------------------------------------------------------------
@@ -381,6 +416,8 @@ def save_cache(cache: KVPackCache, path) -> None:
         "skip_layers": skip,
         "model": _layer_shape(cache._text_config),
     }
+    if cache.layer_configs:  # (absent otherwise: files of caches without per-layer configs unchanged)
+        extra["layer_configs"] = {str(i): c.to_dict() for i, c in cache.layer_configs.items()}
     save_layers(path, slots, extra=extra)
 
 
@@ -405,14 +442,16 @@ def load_cache(model, path, device: str | torch.device | None = None) -> KVPackC
     extra = read_extra(path)
     if extra.get("kind") != _CACHE_KIND:
         raise CacheFileError(f"{path} is a kvpack layer file but not a saved cache (use kvpack.io.load_layers)")
-    if set(extra) != {"kind", "method_config", "skip_layers", "model"}:
+    if set(extra) - {"layer_configs"} != {"kind", "method_config", "skip_layers", "model"}:
         raise CacheFileError(f"{path}: the cache header has fields {sorted(extra)}")
     shape = _layer_shape(text_config)
     if extra["model"] != shape:
         raise CacheFileError(f"{path} was saved for a model with {extra['model']}, this one has {shape}")
     try:
-        method_config = config_class(extra["method_config"]["method"]).from_dict(extra["method_config"])
-        cache = KVPackCache(config, method_config, skip_layers=_skip_list(extra["skip_layers"]))
+        method_config = _config(extra["method_config"])
+        layer_configs = _layer_configs(extra.get("layer_configs", {}))
+        cache = KVPackCache(config, method_config, skip_layers=_skip_list(extra["skip_layers"]),
+                            layer_configs=layer_configs)  # fmt: skip
     except (TypeError, ValueError, KeyError) as err:
         raise CacheFileError(f"{path}: invalid cache header ({err})") from None
     dtype = _model_dtype(model)
@@ -425,8 +464,9 @@ def load_cache(model, path, device: str | torch.device | None = None) -> KVPackC
     for i, (layer, item) in enumerate(zip(cache.layers, saved)):
         where = f"{path}, layer {i}"
         if isinstance(layer, KVPackLayer):
-            if not isinstance(item, CompressedLayer) or item.config != method_config or item.layer_idx != i:
-                raise CacheFileError(f"{where}: expected a {method_config.method} store of layer {i}, got {item!r}")
+            want = cache.config_of(i)
+            if not isinstance(item, CompressedLayer) or item.config != want or item.layer_idx != i:
+                raise CacheFileError(f"{where}: expected a {want.method} store of layer {i} with {want}, got {item!r}")
             batch, heads, dim = item.shape
             layer_dtype = item.dtype
             batch_tokens.add((batch, item.num_tokens))
@@ -453,6 +493,19 @@ def load_cache(model, path, device: str | torch.device | None = None) -> KVPackC
         else:
             layer.adopt(item, device)
     return cache
+
+
+def _config(data) -> MethodConfig:
+    if not isinstance(data, dict) or not isinstance(data.get("method"), str):
+        raise ValueError(f"a method config must be an object with a 'method', got {data!r}")
+    return config_class(data["method"]).from_dict(data)
+
+
+def _layer_configs(value) -> dict[int, MethodConfig]:
+    """The header's ``{"<layer>": config dict}`` -> {layer: config}."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isdigit() and str(int(k)) == k for k in value):
+        raise ValueError(f"layer_configs must map layer indices to configs, got {value!r}")
+    return {int(k): _config(v) for k, v in value.items()}
 
 
 def _skip_list(value) -> list[int]:

@@ -1,0 +1,91 @@
+"""Named recipes: a method config plus per-layer settings, each with the bits and quality measured for it.
+
+``kvpack.make_cache(model, "<preset>")``, ``kvpack generate --preset <preset>`` and the evaluation's default
+matrix use them; ``kvpack info`` lists them. Per-layer settings are given relative to the model's depth (the
+first / last layers), so a preset applies to any model; the numbers were measured on the embedded
+SmolLM2-135M (docs/RESULTS.md, "Presets").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from .config import MethodConfig
+
+__all__ = ["PRESETS", "Preset", "names"]
+
+
+def _none(num_layers: int) -> dict:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named recipe.
+
+    Attributes:
+        name: what ``make_cache`` and ``--preset`` take.
+        summary: one line: what it is for.
+        config: the config of every quantized layer without a per-layer one.
+        per_layer: ``num_layers -> {layer index: config}`` (per-layer precision).
+        skipped: ``num_layers -> layer indices kept in full precision``.
+        measured: what docs/RESULTS.md measured: bits per element and KL to fp (or empty).
+    """
+
+    name: str
+    summary: str
+    config: MethodConfig
+    per_layer: Callable[[int], dict[int, MethodConfig]] = _none
+    skipped: Callable[[int], tuple[int, ...]] = lambda num_layers: ()
+    measured: dict = dataclasses.field(default_factory=dict)
+
+    def layer_configs(self, num_layers: int) -> dict[int, MethodConfig]:
+        return dict(self.per_layer(num_layers))
+
+    def skip_layers(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(self.skipped(num_layers))
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def names() -> tuple[str, ...]:
+    """Every preset's name, in the order of :data:`PRESETS`."""
+    return tuple(PRESETS)
+
+
+def _first_layers(count: int, config: MethodConfig) -> Callable[[int], dict[int, MethodConfig]]:
+    """The first ``count`` layers (of however many the model has) in ``config``."""
+    return lambda num_layers: {i: config for i in range(min(count, num_layers))}
+
+
+def _register(preset: Preset) -> None:
+    if preset.name in PRESETS:
+        raise ValueError(f"preset {preset.name!r} is defined twice")
+    PRESETS[preset.name] = preset
+
+
+def _define() -> None:
+    from .methods.turbo import TurboConfig
+
+    k4v2 = TurboConfig(key_bits=4, value_bits=2, sink_tokens=4)
+    _register(Preset(
+        "kv3", "rotated codebooks, 4-bit keys / 2-bit values, 4 fp sink tokens: the most quality at ~3.3 bits",
+        k4v2,
+    ))  # fmt: skip
+    _register(Preset(
+        "kv3-plus", "kv3 with 4-bit values in the first two layers (the most sensitive ones on SmolLM2)",
+        k4v2, _first_layers(2, k4v2.replace(value_bits=4)),
+    ))  # fmt: skip
+    _register(Preset(
+        "kv4", "rotated codebooks, 4-bit keys and values, 4 fp sink tokens (~4.3 bits)",
+        k4v2.replace(value_bits=4),
+    ))  # fmt: skip
+    _register(Preset(
+        "kv8", "8-bit keys and values (the safe row users compare with llama.cpp q8_0 / vLLM FP8; ~8.3 bits)",
+        k4v2.replace(key_bits=8, value_bits=8),
+    ))  # fmt: skip
+
+
+_define()
