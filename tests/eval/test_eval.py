@@ -439,6 +439,7 @@ def test_run_matrix_writes_every_report_file(model, tokenizer, tmp_path, monkeyp
             tasks=("niah_single_1", "niah_multikey_2"), lengths=(400,), depths=(0.5,), max_new_tokens=4
         ),
         distortion=kv_eval.DistortionSettings(context=128, queries=4),
+        kld=kv_eval.KLDSettings(chunk=256, ubatch=64, chunks=2),
         memory=kv_eval.MemorySettings(lengths=(256, 512)),
     )
     run = kv_eval.run_matrix(model, tokenizer, config)
@@ -479,9 +480,13 @@ def test_run_matrix_writes_every_report_file(model, tokenizer, tmp_path, monkeyp
         "perplexity",
         "retrieval",
         "distortion",
+        "kld",
         "memory",
     }
-    assert set(data["cpu_seconds"]) == set(data["seconds"]) == {"memory", "ppl", "passkey", "niah", "distortion"}
+    suites = {"memory", "ppl", "kld", "passkey", "niah", "distortion"}
+    assert set(data["cpu_seconds"]) == set(data["seconds"]) == suites
+    assert set(data["kld"]) == {"KIVI-2", "KIVI-4"} and data["kld"]["KIVI-2"]["chunks"] == 2
+    assert "## llama.cpp's KL-divergence protocol" in markdown
     assert data["config"]["ppl"]["prefill"] == 64
     assert data["environment"]["torch"] == torch.__version__ and data["environment"]["cores"] >= 1
     assert data["perplexity"]["fp"]["kl"] == 0.0
@@ -518,3 +523,22 @@ def test_text_flag_reads_a_users_utf8_file_for_perplexity_and_distortion(tmp_pat
         corpus("prideprejudice", str(tmp_path / "absent.txt"))
     with pytest.raises(SystemExit, match="alternatives"):
         resolve_config(build_parser().parse_args(["eval", "--text", str(path), "--book", "emma"]))
+
+
+# --- llama.cpp's KL-divergence protocol ------------------------------------------------------------------
+def test_kld_protocol_is_zero_for_a_covering_residual_and_positive_when_quantized(model, tokenizer):
+    """Chunks fed in micro-batches: a cache whose residual holds every token gives the fp logits (KL ~ 0, same
+    top token everywhere); a quantized one a positive KL, averaged over the chunks' second halves."""
+    methods = {"covering": factory(covering("kivi")), "kivi": factory(kvpack.KIVIConfig(residual_length=RESIDUAL)),
+               "turbo": factory(kvpack.TurboConfig(residual_length=RESIDUAL))}  # fmt: skip
+    results = kv_eval.kl_divergence(model, tokenizer, TEXT, methods, chunk=256, ubatch=64, chunks=3)
+    assert results["covering"].kl < 1e-6 and results["covering"].top1 == 1.0
+    for name in ("kivi", "turbo"):
+        r = results[name]
+        assert r.kl > 1e-6 and len(r.per_chunk_kl) == 3 and r.kl == pytest.approx(sum(r.per_chunk_kl) / 3)
+        assert 0 < r.top1 <= 1 and r.ppl > 1 and r.fp_ppl == results["covering"].fp_ppl
+    assert results["covering"].ppl == pytest.approx(results["covering"].fp_ppl, rel=1e-5)
+    with pytest.raises(ValueError, match="fewer than 99 chunks"):
+        kv_eval.kl_divergence(model, tokenizer, TEXT, methods, chunk=256, ubatch=64, chunks=99)
+    with pytest.raises(ValueError, match="ubatch"):
+        kv_eval.kl_divergence(model, tokenizer, TEXT, methods, chunk=64, ubatch=128)

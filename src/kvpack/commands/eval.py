@@ -73,10 +73,10 @@ def _flag_changes(args) -> dict:
         raise SystemExit("--book and --text are alternatives; give one")
     if args.book is not None:
         ppl["book"] = args.book
-        changes["distortion"] = {"book": args.book}
+        changes["distortion"] = changes["kld"] = {"book": args.book}
     if args.text is not None:
         ppl["text_file"] = args.text
-        changes["distortion"] = {"text_file": args.text}
+        changes["distortion"] = changes["kld"] = {"text_file": args.text}
     if ppl:
         changes["ppl"] = ppl
     sweep = {k: getattr(args, k) for k in ("lengths", "depths") if getattr(args, k) is not None}

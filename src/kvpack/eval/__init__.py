@@ -2,6 +2,8 @@
 
 * :func:`perplexity`: decode-mode perplexity, KL to fp and top-1 agreement through a compressed cache
   (:func:`decode_reference` computes the fp run once, to share across methods);
+* :func:`kl_divergence`: llama.cpp's ``--kl-divergence`` protocol (chunks fed in micro-batches, KL over
+  each chunk's second half), for numbers next to llama.cpp's cache types;
 * :func:`retrieval` over :func:`make_samples` (passkey, RULER niah_single_1 / niah_multikey_2);
 * :func:`capture_attention` + :func:`attention_distortion`: per-layer attention-weight error;
 * :func:`memory_footprint`: bytes held, compression and effective bits per element;
@@ -14,6 +16,7 @@ for the model's own fp ``DynamicCache``. Nothing here imports transformers; see 
 """
 
 from .distortion import AttentionCapture, DistortionResult, attention_distortion, capture_attention
+from .kld import KLDResult, kl_divergence
 from .matrix import (
     FULL,
     QUICK,
@@ -21,6 +24,7 @@ from .matrix import (
     DistortionSettings,
     EvalConfig,
     EvalRun,
+    KLDSettings,
     MemorySettings,
     MethodSpec,
     PerplexitySettings,
@@ -55,6 +59,8 @@ __all__ = [
     "DistortionSettings",
     "EvalConfig",
     "EvalRun",
+    "KLDResult",
+    "KLDSettings",
     "MemoryRow",
     "MemorySettings",
     "MethodSpec",
@@ -68,6 +74,7 @@ __all__ = [
     "decode_reference",
     "default_methods",
     "environment",
+    "kl_divergence",
     "kv_shape",
     "make_sample",
     "make_samples",

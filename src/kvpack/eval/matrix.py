@@ -42,7 +42,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SUITES = ("ppl", "passkey", "niah", "distortion", "memory")
+SUITES = ("ppl", "kld", "passkey", "niah", "distortion", "memory")
 
 
 # --- the method matrix ------------------------------------------------------------------------------
@@ -280,6 +280,26 @@ class DistortionSettings(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class KLDSettings(_Section):
+    """llama.cpp's ``--kl-divergence`` protocol (:func:`kvpack.eval.kl_divergence`): ``chunks`` consecutive
+    chunks of ``chunk`` tokens of ``book`` (or ``text_file``), fed in ``ubatch``-token micro-batches, KL to fp
+    over each chunk's second half."""
+
+    book: str = "prideprejudice"
+    chunk: int = 2048
+    ubatch: int = 512
+    chunks: int = 8
+    text_file: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_text_file(self.text_file)
+        for name in ("chunk", "ubatch", "chunks"):
+            _positive_int(name, getattr(self, name))
+        if self.ubatch > self.chunk:
+            raise ValueError(f"ubatch must be at most chunk ({self.chunk}), got {self.ubatch}")
+
+
+@dataclasses.dataclass(frozen=True)
 class MemorySettings(_Section):
     """Memory accounting (:func:`kvpack.eval.memory_footprint`) at ``lengths`` tokens."""
 
@@ -297,6 +317,7 @@ _SECTIONS = {
     "passkey": RetrievalSettings,
     "niah": RetrievalSettings,
     "distortion": DistortionSettings,
+    "kld": KLDSettings,
     "memory": MemorySettings,
 }
 
@@ -314,7 +335,7 @@ class EvalConfig:
         seed: seed of the retrieval samples and memory fills.
         fused: run the model with kvpack's fused attention (``kvpack.enable``); False uses the compat path.
         share_prefill: run each prompt's prefill once in fp and copy it into every method's cache.
-        ppl, passkey, niah, distortion, memory: per-suite settings.
+        ppl, kld, passkey, niah, distortion, memory: per-suite settings.
     """
 
     suites: tuple[str, ...] = SUITES
@@ -328,6 +349,7 @@ class EvalConfig:
     passkey: RetrievalSettings = RetrievalSettings()
     niah: RetrievalSettings = RetrievalSettings(tasks=("niah_single_1",), lengths=(2048, 4096), depths=(0.25, 0.75))
     distortion: DistortionSettings = DistortionSettings()
+    kld: KLDSettings = KLDSettings()
     memory: MemorySettings = MemorySettings()
 
     def __post_init__(self) -> None:
@@ -393,6 +415,7 @@ QUICK = EvalConfig(
     passkey=RetrievalSettings(lengths=(1024, 2048), depths=(0.25, 0.75)),
     niah=RetrievalSettings(tasks=("niah_single_1",), lengths=(1024,), depths=(0.5,)),
     distortion=DistortionSettings(context=1024, queries=16),
+    kld=KLDSettings(chunks=1),
     memory=MemorySettings(lengths=(1024, 2048, 4096, 8192)),
 )
 
@@ -413,6 +436,7 @@ class EvalRun:
         perplexity: label -> :class:`~kvpack.eval.perplexity.PerplexityResult`.
         retrieval: label -> list of :class:`~kvpack.eval.retrieval.RetrievalOutcome` (passkey and NIAH).
         distortion: label -> :class:`~kvpack.eval.distortion.DistortionResult` (not for fp).
+        kld: label -> :class:`~kvpack.eval.kld.KLDResult` (not for fp).
         memory: label -> list of :class:`~kvpack.eval.memory.MemoryRow`.
     """
 
@@ -423,6 +447,7 @@ class EvalRun:
     perplexity: dict[str, Any] = dataclasses.field(default_factory=dict)
     retrieval: dict[str, list] = dataclasses.field(default_factory=dict)
     distortion: dict[str, Any] = dataclasses.field(default_factory=dict)
+    kld: dict[str, Any] = dataclasses.field(default_factory=dict)
     memory: dict[str, list] = dataclasses.field(default_factory=dict)
 
     @property
@@ -438,6 +463,7 @@ class EvalRun:
             "perplexity": {k: v.to_dict() for k, v in self.perplexity.items()},
             "retrieval": {k: [o.to_dict() for o in v] for k, v in self.retrieval.items()},
             "distortion": {k: v.to_dict() for k, v in self.distortion.items()},
+            "kld": {k: v.to_dict() for k, v in self.kld.items()},
             "memory": {k: [r.to_dict() for r in v] for k, v in self.memory.items()},
         }
 
@@ -524,6 +550,15 @@ def run_matrix(model, tokenizer, config: EvalConfig, *, progress: bool = False) 
                 )
             for result in run.perplexity.values():
                 result.reference = None  # the fp log-probs and prefill tensors are large
+
+    if "kld" in config.suites and quantized:
+        settings = config.kld
+        with _timed(run, "kld"):
+            from .kld import kl_divergence
+
+            run.kld = kl_divergence(model, tokenizer, corpus(settings.book, settings.text_file),
+                                    {spec.label: spec.cache_factory() for spec in quantized}, chunk=settings.chunk,
+                                    ubatch=settings.ubatch, chunks=settings.chunks, progress=progress)  # fmt: skip
 
     for suite in ("passkey", "niah"):
         if suite not in config.suites:

@@ -250,6 +250,14 @@ def markdown(run: EvalRun) -> str:
             )
         header = ["method"] + [f"bits @ {n}" for n in lengths] + [f"bytes/token @ {max(lengths)}", "x fp16"]
         lines += ["## Memory (whole cache, batch 1)", "", _table(header, body), ""]
+    if run.kld:
+        k = config.kld
+        body = [[label, f"{r.kl:.4f}", f"{100 * r.top1:.1f}%", f"{r.ppl:.3f}"] for label, r in run.kld.items()]
+        lines += ["## llama.cpp's KL-divergence protocol", "",
+                  f"`llama-perplexity --kl-divergence` as llama.cpp users run it: {k.chunks} chunk(s) of {k.chunk} "
+                  f"tokens of {k.text_file or k.book}, each fed from an empty cache in micro-batches of {k.ubatch}; "
+                  f"KL to the fp cache over each chunk's second half (fp ppl {next(iter(run.kld.values())).fp_ppl:.3f}).",
+                  "", _table(["method", "mean KLD", "same top token", "ppl"], body), ""]  # fmt: skip
     if run.distortion:
         body = []
         for label, result in run.distortion.items():
@@ -329,7 +337,9 @@ def _plot_quality(run: EvalRun, path: Path) -> None:
     for ax in (ax_ppl, ax_kl):
         ax.grid(alpha=0.3)
     p = run.config.ppl
-    fig.suptitle(f"Quality vs memory ({p.prefill} prefill + {p.tokens} decoded tokens, {p.text_file or p.book})", fontsize=10)
+    fig.suptitle(
+        f"Quality vs memory ({p.prefill} prefill + {p.tokens} decoded tokens, {p.text_file or p.book})", fontsize=10
+    )
     fig.savefig(path)
 
 
