@@ -434,9 +434,9 @@ def test_run_matrix_writes_every_report_file(model, tokenizer, tmp_path, monkeyp
             kv_eval.MethodSpec("KIVI-4", kvpack.KIVIConfig(key_bits=4, value_bits=4, residual_length=RESIDUAL)),
         ),
         ppl=kv_eval.PerplexitySettings(prefill=64, tokens=8, windows=2),
-        passkey=kv_eval.RetrievalSettings(lengths=(300, 500), depths=(0.5,), max_new_tokens=4),
+        passkey=kv_eval.RetrievalSettings(lengths=(300, 500), depths=(0.5,), max_new_tokens=4, samples=1),
         niah=kv_eval.RetrievalSettings(
-            tasks=("niah_single_1", "niah_multikey_2"), lengths=(400,), depths=(0.5,), max_new_tokens=4
+            tasks=("niah_single_1", "niah_multikey_2"), lengths=(400,), depths=(0.5,), max_new_tokens=4, samples=1
         ),
         distortion=kv_eval.DistortionSettings(context=128, queries=4),
         kld=kv_eval.KLDSettings(chunk=256, ubatch=64, chunks=2),
@@ -542,3 +542,18 @@ def test_kld_protocol_is_zero_for_a_covering_residual_and_positive_when_quantize
         kv_eval.kl_divergence(model, tokenizer, TEXT, methods, chunk=256, ubatch=64, chunks=99)
     with pytest.raises(ValueError, match="ubatch"):
         kv_eval.kl_divergence(model, tokenizer, TEXT, methods, chunk=64, ubatch=128)
+
+
+def test_memory_over_a_flush_cycle_is_the_mean_of_its_phases():
+    """A single length catches the key residual at one phase; the cycle mean does not depend on the phase, so
+    a row with sinks (shifted by S tokens) compares with one without at equal footing."""
+    config = kvpack.TurboConfig(key_bits=4)
+    phases = kv_eval.memory_footprint(config, [2048 + 16 * k for k in range(8)], layers=2, kv_heads=2, head_dim=64)
+    (row,) = kv_eval.memory_footprint(config, [2048], layers=2, kv_heads=2, head_dim=64, cycle=8)
+    assert row.bits_per_element == pytest.approx(sum(r.bits_per_element for r in phases) / 8)
+    (sinks,) = kv_eval.memory_footprint(config.replace(sink_tokens=1), [2048], layers=2, kv_heads=2, head_dim=64,
+                                        cycle=8)  # fmt: skip
+    (single,) = kv_eval.memory_footprint(config.replace(sink_tokens=1), [2048], layers=2, kv_heads=2, head_dim=64)
+    assert (
+        abs(sinks.bits_per_element - row.bits_per_element) < 0.05 < single.bits_per_element - phases[0].bits_per_element
+    )

@@ -228,6 +228,11 @@ def test_generate_command_prints_the_bytes_line(embedded_model, capsys):
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("KV cache: ") and "bytes held for" in last and "in an fp16 cache" in last
+    assert "in the model's own float32 cache" in last  # the embedded model runs in float32
+    held, fp16, own = (int(x.replace(",", "")) for x in re.findall(r"([\d,]+) (?:bytes|in the)", last)[:3])
+    assert own == 2 * fp16 and held < own
+    rc = main(["generate", "Name a colour.", "--max-new-tokens", "2", "--preset", "kv3"])
+    assert rc == 0 and "nothing is quantized below R = 128" in capsys.readouterr().out
 
 
 def test_integration_doc_examples_run(embedded_model, capsys):

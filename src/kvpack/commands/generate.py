@@ -185,5 +185,14 @@ def run(args) -> int:
     held, fp16 = cache.nbytes(), cache.fp16_nbytes()
     ratio = f"{held / fp16:.3f}x" if fp16 else "-"
     tokens = cache.get_seq_length()
-    print(f"KV cache: {held:,} bytes held for {tokens} tokens vs {fp16:,} bytes in an fp16 cache ({ratio})")
+    line = f"KV cache: {held:,} bytes held for {tokens} tokens vs {fp16:,} bytes in an fp16 cache ({ratio})"
+    itemsize = getattr(torch, args.dtype).itemsize
+    if itemsize != 2 and fp16:  # what this model's own DynamicCache would hold (its dtype), too
+        own = fp16 * itemsize // 2
+        line += f" and {own:,} in the model's own {args.dtype} cache ({held / own:.3f}x)"
+    residual = max((getattr(c, "residual_length", 0) for c in (cache.method_config, *cache.layer_configs.values())),
+                   default=0)  # fmt: skip
+    if tokens <= residual:
+        line += f"; nothing is quantized below R = {residual} tokens (the fp residual is held in the model dtype)"
+    print(line)
     return 0

@@ -240,9 +240,9 @@ class RetrievalSettings(_Section):
     """A retrieval sweep (:func:`kvpack.eval.retrieval`): ``tasks`` x ``lengths`` x ``depths`` x ``samples``."""
 
     tasks: tuple[str, ...] = ("passkey",)
-    lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)
-    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
-    samples: int = 1
+    lengths: tuple[int, ...] = (1024, 2048)
+    depths: tuple[float, ...] = (0.25, 0.75)
+    samples: int = 5
     max_new_tokens: int = 12
     batch_size: int = 4
     question_in_prefill: bool = False
@@ -305,9 +305,11 @@ class MemorySettings(_Section):
 
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     dtype: str = "float16"
+    cycle: int = 4  # lengths over one key flush cycle averaged per reported length (memory_footprint)
 
     def __post_init__(self) -> None:
         _positive_ints("lengths", self.lengths)
+        _positive_int("cycle", self.cycle)
         if self.dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"dtype must be one of ('float16', 'bfloat16', 'float32'), got {self.dtype!r}")
 
@@ -347,7 +349,7 @@ class EvalConfig:
     share_prefill: bool = True
     ppl: PerplexitySettings = PerplexitySettings()
     passkey: RetrievalSettings = RetrievalSettings()
-    niah: RetrievalSettings = RetrievalSettings(tasks=("niah_single_1",), lengths=(2048, 4096), depths=(0.25, 0.75))
+    niah: RetrievalSettings = RetrievalSettings(tasks=("niah_single_1",), lengths=(2048,), depths=(0.5,))
     distortion: DistortionSettings = DistortionSettings()
     kld: KLDSettings = KLDSettings()
     memory: MemorySettings = MemorySettings()
@@ -412,8 +414,8 @@ FULL = EvalConfig()
 #: ``--quick``: a few minutes on two CPU cores.
 QUICK = EvalConfig(
     ppl=PerplexitySettings(prefill=1024, tokens=64, windows=1),
-    passkey=RetrievalSettings(lengths=(1024, 2048), depths=(0.25, 0.75)),
-    niah=RetrievalSettings(tasks=("niah_single_1",), lengths=(1024,), depths=(0.5,)),
+    passkey=RetrievalSettings(lengths=(1024, 2048), depths=(0.25, 0.75), samples=1),
+    niah=RetrievalSettings(tasks=("niah_single_1",), lengths=(1024,), depths=(0.5,), samples=1),
     distortion=DistortionSettings(context=1024, queries=16),
     kld=KLDSettings(chunks=1),
     memory=MemorySettings(lengths=(1024, 2048, 4096, 8192)),
@@ -517,6 +519,7 @@ def run_matrix(model, tokenizer, config: EvalConfig, *, progress: bool = False) 
                     seed=config.seed,
                     layer_configs=per_layer,
                     skip_layers=skipped,
+                    cycle=config.memory.cycle,
                 )
 
     if "ppl" in config.suites:

@@ -88,6 +88,7 @@ def memory_footprint(
     seed: int = 0,
     layer_configs: Mapping[int, MethodConfig] | None = None,
     skip_layers: Sequence[int] = (),
+    cycle: int = 1,
 ) -> list[MemoryRow]:
     """Bytes held at each context length in ``lengths`` by a ``layers``-layer cache of ``config``.
 
@@ -95,6 +96,10 @@ def memory_footprint(
         config: a method config; None is the fp16 baseline (compression 1, 16 bits).
         layer_configs, skip_layers: per-layer settings (a preset's): these layers' own configs, and layers
             held unquantized in ``dtype``.
+        cycle: measure each length L at ``cycle`` lengths spread over one key flush cycle, L + k R / cycle
+            (k < cycle; R the config's residual_length), and report the mean: the key residual holds
+            0..R-1 tokens depending on where L falls, which a single length reports for one phase only (a row
+            with attention sinks, shifted by S tokens, would otherwise compare at another phase).
         lengths: context lengths L (any order; each is measured).
         layers, kv_heads, head_dim: the model's cache shape (see :func:`kv_shape`).
         dtype: dtype of the keys/values fed in, which is also the dtype of the fp residual: one of
@@ -109,6 +114,21 @@ def memory_footprint(
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
+    if isinstance(cycle, bool) or not isinstance(cycle, int) or cycle < 1:
+        raise ValueError(f"cycle must be a positive integer, got {cycle!r}")
+    if cycle > 1 and config is not None:
+        step = max(1, config.residual_length // cycle)
+        rows = []
+        for tokens in lengths:
+            phases = memory_footprint(config, [tokens + k * step for k in range(cycle)], layers=layers,
+                                      kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, seed=seed,
+                                      layer_configs=layer_configs, skip_layers=skip_layers)  # fmt: skip
+            bits = sum(r.bits_per_element for r in phases) / cycle
+            nbytes = round(bits * 2 * layers * kv_heads * tokens * head_dim / 8)
+            fp16 = layers * 2 * kv_heads * tokens * head_dim * 2
+            rows.append(MemoryRow(tokens=tokens, nbytes=nbytes, fp16_nbytes=fp16, bytes_per_token=nbytes / tokens,
+                                  compression=fp16 / nbytes, bits_per_element=bits))  # fmt: skip
+        return rows
     for tokens in lengths:
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             raise ValueError(f"lengths must be positive integers, got {tokens!r}")

@@ -176,7 +176,13 @@ def _conditions(run: EvalRun) -> list[str]:
         longest = max(config.memory.lengths)
         notes.append(
             f"bits/elem and x fp16: bytes held by the whole cache at {longest} tokens "
-            f"(residual, scales and metadata included; {config.memory.dtype} inputs), fp16 = 16 bits."
+            f"(residual, scales and metadata included; {config.memory.dtype} inputs)"
+            + (
+                f", the mean over {config.memory.cycle} lengths of one key flush cycle from there"
+                if config.memory.cycle > 1
+                else ""
+            )
+            + ", fp16 = 16 bits."
         )
     if run.perplexity:
         p = config.ppl
