@@ -440,7 +440,7 @@ def test_run_matrix_writes_every_report_file(model, tokenizer, tmp_path, monkeyp
         ),
         distortion=kv_eval.DistortionSettings(context=128, queries=4),
         kld=kv_eval.KLDSettings(chunk=256, ubatch=64, chunks=2),
-        memory=kv_eval.MemorySettings(lengths=(256, 512)),
+        memory=kv_eval.MemorySettings(lengths=(256, 512), curve=(8, 16, 64, 256)),
     )
     run = kv_eval.run_matrix(model, tokenizer, config)
     run.environment = kv_eval.environment()
@@ -454,6 +454,7 @@ def test_run_matrix_writes_every_report_file(model, tokenizer, tmp_path, monkeyp
         "passkey_vs_length.png",
         "niah_vs_length.png",
         "distortion_per_layer.png",
+        "memory_vs_length.png",
     }
     assert set(files) == expected
     assert {p.name for p in (tmp_path / "out").iterdir()} == expected
@@ -482,11 +483,15 @@ def test_run_matrix_writes_every_report_file(model, tokenizer, tmp_path, monkeyp
         "distortion",
         "kld",
         "memory",
+        "memory_curve",
     }
     suites = {"memory", "ppl", "kld", "passkey", "niah", "distortion"}
     assert set(data["cpu_seconds"]) == set(data["seconds"]) == suites
     assert set(data["kld"]) == {"KIVI-2", "KIVI-4"} and data["kld"]["KIVI-2"]["chunks"] == 2
-    assert "## llama.cpp's KL-divergence protocol" in markdown
+    assert "## llama.cpp's KL-divergence protocol" in markdown and "smaller than float32 from" in markdown
+    curve = data["memory_curve"]["KIVI-2"]
+    assert [r["tokens"] for r in curve] == [8, 16, 64, 256]
+    assert curve[0]["nbytes"] == 2 * 2 * 2 * 8 * HEAD_DIM * 4  # 8 tokens: all in the float32 residual
     assert data["config"]["ppl"]["prefill"] == 64
     assert data["environment"]["torch"] == torch.__version__ and data["environment"]["cores"] >= 1
     assert data["perplexity"]["fp"]["kl"] == 0.0
@@ -557,3 +562,13 @@ def test_memory_over_a_flush_cycle_is_the_mean_of_its_phases():
     assert (
         abs(sinks.bits_per_element - row.bits_per_element) < 0.05 < single.bits_per_element - phases[0].bits_per_element
     )
+
+
+def test_break_even_is_the_first_context_below_the_fp_cache():
+    from kvpack.eval.report import break_even
+
+    rows = kv_eval.memory_footprint(kvpack.KIVIConfig(residual_length=32), [16, 32, 64, 256], layers=2, kv_heads=2,
+                                    head_dim=HEAD_DIM, dtype="float32")  # fmt: skip
+    assert rows[0].nbytes == 2 * rows[0].fp16_nbytes  # all fp32: twice an fp16 cache
+    assert break_even(rows, 4) == 32 and break_even(rows, 2) == 64  # the keys flush at R = 32, values stay fp
+    assert break_even(rows[:1], 2) is None

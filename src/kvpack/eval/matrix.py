@@ -306,10 +306,17 @@ class MemorySettings(_Section):
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     dtype: str = "float16"
     cycle: int = 4  # lengths over one key flush cycle averaged per reported length (memory_footprint)
+    #: Short contexts in the model's own dtype (the bytes-against-context plot: where each cache breaks even
+    #: with an fp16 and a ``curve_dtype`` cache; below R tokens nothing is quantized yet).
+    curve: tuple[int, ...] = (16, 32, 64, 128, 192, 256, 384, 512, 1024, 2048)
+    curve_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _positive_ints("lengths", self.lengths)
         _positive_int("cycle", self.cycle)
+        _positive_ints("curve", self.curve)
+        if self.curve_dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"curve_dtype must be one of ('float16', 'bfloat16', 'float32'), got {self.curve_dtype!r}")
         if self.dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"dtype must be one of ('float16', 'bfloat16', 'float32'), got {self.dtype!r}")
 
@@ -440,6 +447,7 @@ class EvalRun:
         distortion: label -> :class:`~kvpack.eval.distortion.DistortionResult` (not for fp).
         kld: label -> :class:`~kvpack.eval.kld.KLDResult` (not for fp).
         memory: label -> list of :class:`~kvpack.eval.memory.MemoryRow`.
+        memory_curve: label -> rows at the short contexts of ``memory.curve``, in ``memory.curve_dtype``.
     """
 
     config: EvalConfig
@@ -450,6 +458,7 @@ class EvalRun:
     retrieval: dict[str, list] = dataclasses.field(default_factory=dict)
     distortion: dict[str, Any] = dataclasses.field(default_factory=dict)
     kld: dict[str, Any] = dataclasses.field(default_factory=dict)
+    memory_curve: dict[str, list] = dataclasses.field(default_factory=dict)
     memory: dict[str, list] = dataclasses.field(default_factory=dict)
 
     @property
@@ -467,6 +476,7 @@ class EvalRun:
             "distortion": {k: v.to_dict() for k, v in self.distortion.items()},
             "kld": {k: v.to_dict() for k, v in self.kld.items()},
             "memory": {k: [r.to_dict() for r in v] for k, v in self.memory.items()},
+            "memory_curve": {k: [r.to_dict() for r in v] for k, v in self.memory_curve.items()},
         }
 
 
@@ -521,6 +531,12 @@ def run_matrix(model, tokenizer, config: EvalConfig, *, progress: bool = False) 
                     skip_layers=skipped,
                     cycle=config.memory.cycle,
                 )
+                if not spec.is_fp:
+                    run.memory_curve[spec.label] = memory_footprint(
+                        spec.config, config.memory.curve, layers=layers, kv_heads=heads, head_dim=head_dim,
+                        dtype=config.memory.curve_dtype, seed=config.seed, layer_configs=per_layer,
+                        skip_layers=skipped,
+                    )  # fmt: skip
 
     if "ppl" in config.suites:
         settings = config.ppl

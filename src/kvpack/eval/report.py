@@ -256,6 +256,18 @@ def markdown(run: EvalRun) -> str:
             )
         header = ["method"] + [f"bits @ {n}" for n in lengths] + [f"bytes/token @ {max(lengths)}", "x fp16"]
         lines += ["## Memory (whole cache, batch 1)", "", _table(header, body), ""]
+    if run.memory_curve:
+        m = config.memory
+        own = {"float32": 4, "float16": 2, "bfloat16": 2}[m.curve_dtype]
+        body = []
+        for label, rows in run.memory_curve.items():
+            shortest = min(rows, key=lambda r: r.tokens)
+            even16, even_own = break_even(rows, 2), break_even(rows, own)
+            body.append([label, f"{shortest.nbytes / (shortest.fp16_nbytes * own / 2):.2f}",
+                         str(even16) if even16 else f"> {max(m.curve)}", str(even_own) if even_own else f"> {max(m.curve)}"])  # fmt: skip
+        lines += [f"Short contexts, {m.curve_dtype} keys/values (the fp residual holds the model's dtype):", "",
+                  _table(["method", f"x {m.curve_dtype} cache @ {min(m.curve)}", "smaller than fp16 from",
+                          f"smaller than {m.curve_dtype} from"], body), ""]  # fmt: skip
     if run.kld:
         k = config.kld
         body = [[label, f"{r.kl:.4f}", f"{100 * r.top1:.1f}%", f"{r.ppl:.3f}"] for label, r in run.kld.items()]
@@ -393,6 +405,38 @@ def _plot_distortion(run: EvalRun, path: Path) -> None:
     fig.savefig(path)
 
 
+def break_even(rows, dtype_bytes: int) -> int | None:
+    """The shortest context of ``rows`` (a memory curve) from which the cache holds fewer bytes than an fp
+    cache of ``dtype_bytes`` per element, or None."""
+    for row in sorted(rows, key=lambda r: r.tokens):
+        if row.nbytes < row.fp16_nbytes * dtype_bytes // 2:
+            return row.tokens
+    return None
+
+
+def _plot_memory(run: EvalRun, path: Path) -> None:
+    m = run.config.memory
+    own = {"float32": 4, "float16": 2, "bfloat16": 2}[m.curve_dtype]
+    fig = _figure(6, 3.6)
+    ax = fig.subplots()
+    colors = _colors(run)
+    for label, rows in run.memory_curve.items():
+        ax.plot([r.tokens for r in rows], [r.nbytes / 1e6 for r in rows], marker=".", label=label, color=colors[label])
+    any_rows = next(iter(run.memory_curve.values()))
+    tokens = [r.tokens for r in any_rows]
+    ax.plot(tokens, [r.fp16_nbytes / 1e6 for r in any_rows], "k--", label="fp16 DynamicCache")
+    if own != 2:
+        ax.plot(tokens, [r.fp16_nbytes * own / 2e6 for r in any_rows], "k:", label=f"{m.curve_dtype} DynamicCache")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("KV cache MB (batch 1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"Bytes held against context ({m.curve_dtype} model): the break-even with the fp caches", fontsize=10)
+    fig.savefig(path)
+
+
 def write_report(run: EvalRun, out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Path]:
     """Write every report file of ``run`` into ``out_dir`` (created if needed).
 
@@ -441,4 +485,7 @@ def write_report(run: EvalRun, out_dir: str | os.PathLike, *, plots: bool = True
         if run.distortion:
             files["distortion_per_layer.png"] = out / "distortion_per_layer.png"
             _plot_distortion(run, files["distortion_per_layer.png"])
+        if run.memory_curve:
+            files["memory_vs_length.png"] = out / "memory_vs_length.png"
+            _plot_memory(run, files["memory_vs_length.png"])
     return files
