@@ -179,12 +179,7 @@ def run_attention(args, device, log=print) -> list[dict]:
             sdpa_ms = time_ms(_sdpa(query, keys, values), device)
 
             def row(method, ms, nbytes, check=None):
-                rows.append({"part": "gpu-attention", "method": method, "batch": batch, "context": context,
-                             "ms": ms, "bytes_read": nbytes, "vs_sdpa": sdpa_ms / ms, "gbs": nbytes / (ms * 1e6),
-                             "bandwidth_fraction": nbytes / (ms * 1e6) / bandwidth, "check": check})  # fmt: skip
-                checked = "-" if check is None else f"{check:.1e}"
-                log(f"{batch:>5} {context:>7}  {method:<17} {ms:>8.3f} {rows[-1]['vs_sdpa']:>7.2f} {nbytes / 1e9:>8.3f} "
-                    f"{rows[-1]['gbs']:>7.0f} {100 * rows[-1]['bandwidth_fraction']:>5.1f}%  {checked}")  # fmt: skip
+                rows.append(_row(method, batch, context, ms, nbytes, sdpa_ms, bandwidth, check, log))
 
             row(f"{args.dtype} SDPA", sdpa_ms, fp_bytes)
             for name, config in configs.items():
@@ -192,16 +187,28 @@ def run_attention(args, device, log=print) -> list[dict]:
                 check = _check(name, layer, query)
                 row(name, time_ms(lambda layer=layer: layer.attend(query), device), layer.nbytes(), check)
                 del layer
-            rows += _quantized_cache_rows(keys, values, query, device, sdpa_ms, bandwidth, log, batch, context)
+            _quantized_cache_rows(keys, values, query, device, row, log, batch, context)
             del keys, values
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
     return rows
 
 
-def _quantized_cache_rows(keys, values, query, device, sdpa_ms, bandwidth, log, batch, context) -> list[dict]:
-    """transformers' ``QuantizedCache`` layers (dequantize all, then SDPA) where a backend is installed."""
-    rows = []
+def _row(method, batch, context, ms, nbytes, sdpa_ms, bandwidth, check, log) -> dict:
+    """One attention row (time, bytes read, their rate against the copy bandwidth, the ratio to SDPA), logged."""
+    gbs = nbytes / (ms * 1e6)
+    out = {"part": "gpu-attention", "method": method, "batch": batch, "context": context, "ms": ms,
+           "bytes_read": nbytes, "vs_sdpa": sdpa_ms / ms, "gbs": gbs, "bandwidth_fraction": gbs / bandwidth,
+           "check": check}  # fmt: skip
+    checked = "-" if check is None else f"{check:.1e}"
+    log(f"{batch:>5} {context:>7}  {method:<17} {ms:>8.3f} {sdpa_ms / ms:>7.2f} {nbytes / 1e9:>8.3f} {gbs:>7.0f} "
+        f"{100 * gbs / bandwidth:>5.1f}%  {checked}")  # fmt: skip
+    return out
+
+
+def _quantized_cache_rows(keys, values, query, device, row, log, batch, context) -> None:
+    """transformers' ``QuantizedCache`` layers (dequantize all, then SDPA) where a backend is installed, as
+    ``row(method, ms, bytes)``."""
     for backend in ("quanto", "hqq"):
         try:
             from kvpack.hf import runtime
@@ -210,13 +217,8 @@ def _quantized_cache_rows(keys, values, query, device, sdpa_ms, bandwidth, log, 
         except Exception as err:  # noqa: BLE001 - reported as the row's reason, the run goes on
             log(f"{batch:>5} {context:>7}  {backend + '-2':<17} unavailable: {type(err).__name__}: {str(err)[:80]}")
             continue
-        ms = time_ms(lambda: runtime.quantized_layer_attention(layer, query), device)
-        nbytes = runtime.layer_nbytes(layer)
-        rows.append({"part": "gpu-attention", "method": f"{backend}-2", "batch": batch, "context": context, "ms": ms,
-                     "bytes_read": nbytes, "vs_sdpa": sdpa_ms / ms, "gbs": nbytes / (ms * 1e6),
-                     "bandwidth_fraction": nbytes / (ms * 1e6) / bandwidth, "check": None})  # fmt: skip
-        log(f"{batch:>5} {context:>7}  {backend + '-2':<17} {ms:>8.3f} {sdpa_ms / ms:>7.2f} {nbytes / 1e9:>8.3f}")
-    return rows
+        row(f"{backend}-2", time_ms(lambda: runtime.quantized_layer_attention(layer, query), device),
+            runtime.layer_nbytes(layer))  # fmt: skip
 
 
 def random_model(shape: str, dtype, device):

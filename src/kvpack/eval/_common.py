@@ -21,7 +21,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["CacheFactory", "ProgressBar", "cache_tensors", "fill_cache", "forward_last", "fresh_cache", "progress_bar"]
+__all__ = [
+    "CacheFactory",
+    "ProgressBar",
+    "cache_tensors",
+    "fill_cache",
+    "forward_last",
+    "fresh_cache",
+    "progress_bar",
+    "returned_cache",
+]
 
 #: ``factory(model)`` -> a transformers ``Cache`` to pass as ``cache=``, or ``None`` for the model's own
 #: fp ``DynamicCache``.
@@ -36,10 +45,13 @@ def forward_last(model, input_ids: torch.Tensor, cache=None) -> tuple[Any, torch
         ``(cache, logits)``: the cache after the step and the logits of the last position, (B, V) float32.
     """
     out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+    return returned_cache(out), out.logits[:, -1].float()
+
+
+def returned_cache(out) -> Any:
+    """The cache a forward pass's output holds (``cache``; ``past_key_values`` before the rename)."""
     held = getattr(out, "cache", None)
-    if held is None:  # transformers before the ``cache`` rename
-        held = getattr(out, "past_key_values", None)
-    return held, out.logits[:, -1].float()
+    return held if held is not None else getattr(out, "past_key_values", None)
 
 
 def cache_tensors(cache, num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ._common import CacheFactory, progress_bar
+from ._common import CacheFactory, progress_bar, returned_cache
 
 __all__ = ["KLDResult", "kl_divergence"]
 
@@ -53,7 +53,7 @@ def _chunk_log_probs(model, ids: torch.Tensor, cache, ubatch: int, first: int) -
     for start in range(0, ids.shape[1], ubatch):
         piece = ids[:, start : start + ubatch]
         result = model(input_ids=piece, cache=cache, use_cache=True)
-        cache = getattr(result, "cache", None) or getattr(result, "past_key_values", None)
+        cache = returned_cache(result)
         lo, hi = max(first, start), min(start + piece.shape[1], ids.shape[1] - 1)
         if lo < hi:
             out.append(torch.log_softmax(result.logits[0, lo - start : hi - start].float(), dim=-1))

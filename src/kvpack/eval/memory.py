@@ -116,26 +116,18 @@ def memory_footprint(
         raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
     if isinstance(cycle, bool) or not isinstance(cycle, int) or cycle < 1:
         raise ValueError(f"cycle must be a positive integer, got {cycle!r}")
-    if cycle > 1 and config is not None:
-        step = max(1, config.residual_length // cycle)
-        rows = []
-        for tokens in lengths:
-            phases = memory_footprint(config, [tokens + k * step for k in range(cycle)], layers=layers,
-                                      kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, seed=seed,
-                                      layer_configs=layer_configs, skip_layers=skip_layers)  # fmt: skip
-            bits = sum(r.bits_per_element for r in phases) / cycle
-            nbytes = round(bits * 2 * layers * kv_heads * tokens * head_dim / 8)
-            fp16 = layers * 2 * kv_heads * tokens * head_dim * 2
-            rows.append(MemoryRow(tokens=tokens, nbytes=nbytes, fp16_nbytes=fp16, bytes_per_token=nbytes / tokens,
-                                  compression=fp16 / nbytes, bits_per_element=bits))  # fmt: skip
-        return rows
-    for tokens in lengths:
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise ValueError(f"lengths must be positive integers, got {tokens!r}")
     ordered = sorted(set(lengths))
     generator = torch.Generator().manual_seed(seed)
     if config is None:
         held = {tokens: layers * 2 * kv_heads * tokens * head_dim * 2 for tokens in ordered}
+    elif cycle > 1:  # the mean bytes per token over the cycle's phases, at each length
+        step = max(1, config.residual_length // cycle)
+        held = {}
+        for tokens in ordered:
+            phases = memory_footprint(config, [tokens + k * step for k in range(cycle)], layers=layers,
+                                      kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, seed=seed,
+                                      layer_configs=layer_configs, skip_layers=skip_layers)  # fmt: skip
+            held[tokens] = round(tokens * sum(r.bytes_per_token for r in phases) / cycle)
     elif layer_configs or skip_layers:  # per layer: each distinct config's layer bytes, times its layers
         torch_dtype = _DTYPES[dtype]
         per_layer = [None if i in skip_layers else (layer_configs or {}).get(i, config) for i in range(layers)]

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..config import SCALE_DTYPES
 from .matrix import EvalRun
 
 __all__ = ["SUMMARY_COLUMNS", "environment", "markdown", "summary_rows", "write_report"]
@@ -258,7 +259,7 @@ def markdown(run: EvalRun) -> str:
         lines += ["## Memory (whole cache, batch 1)", "", _table(header, body), ""]
     if run.memory_curve:
         m = config.memory
-        own = {"float32": 4, "float16": 2, "bfloat16": 2}[m.curve_dtype]
+        own = SCALE_DTYPES[m.curve_dtype].itemsize
         body = []
         for label, rows in run.memory_curve.items():
             shortest = min(rows, key=lambda r: r.tokens)
@@ -416,7 +417,7 @@ def break_even(rows, dtype_bytes: int) -> int | None:
 
 def _plot_memory(run: EvalRun, path: Path) -> None:
     m = run.config.memory
-    own = {"float32": 4, "float16": 2, "bfloat16": 2}[m.curve_dtype]
+    own = SCALE_DTYPES[m.curve_dtype].itemsize
     fig = _figure(6, 3.6)
     ax = fig.subplots()
     colors = _colors(run)

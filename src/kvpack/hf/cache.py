@@ -340,6 +340,7 @@ def make_cache(
     Raises:
         ValueError: unknown method name or config field, invalid field value, bad ``skip_layers``.
     """
+    config = getattr(model, "config", model)
     if isinstance(method_config, str):
         from ..presets import PRESETS
 
@@ -347,11 +348,10 @@ def make_cache(
             if overrides:
                 raise ValueError(f"preset {method_config!r} takes no config overrides, got {sorted(overrides)}")
             preset = PRESETS[method_config]
-            num_layers = getattr(model, "config", model).get_text_config(decoder=True).num_hidden_layers
+            num_layers = config.get_text_config(decoder=True).num_hidden_layers
             layer_configs = {**preset.layer_configs(num_layers), **(layer_configs or {})}
             skip_layers = sorted(set(skip_layers) | set(preset.skip_layers(num_layers)))
-            return KVPackCache(getattr(model, "config", model), preset.config, skip_layers=skip_layers,
-                               layer_configs=layer_configs)  # fmt: skip
+            return KVPackCache(config, preset.config, skip_layers=skip_layers, layer_configs=layer_configs)
         method_config = config_class(method_config)()
     if not isinstance(method_config, MethodConfig):
         raise TypeError(
@@ -365,7 +365,6 @@ def make_cache(
                 f"unknown {type(method_config).__name__} fields {unknown}; allowed: {sorted(known)} (and skip_layers)"
             )
         method_config = method_config.replace(**overrides)
-    config = getattr(model, "config", model)
     return KVPackCache(config, method_config, skip_layers=skip_layers, layer_configs=layer_configs)
 
 

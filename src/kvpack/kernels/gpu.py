@@ -10,7 +10,7 @@ import functools
 import importlib.util
 import os
 
-__all__ = ["available", "interpreting"]
+__all__ = ["available", "device_reason", "interpreting"]
 
 
 @functools.cache
@@ -32,3 +32,10 @@ def available() -> str | None:
 def interpreting() -> bool:
     """Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``, read when a kernel is defined)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_reason(device) -> str | None:
+    """Why tensors on ``device`` cannot take a Triton kernel (CUDA, or the CPU under the interpreter), or None."""
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return None
+    return f"device {device.type} (the Triton kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"

@@ -267,8 +267,8 @@ def reason(query, key_fp, value_fp, mask, group: int, tokens: int, tensors) -> s
     it does not run on), or None. ``tokens``: T; ``tensors``: every other tensor the kernel reads."""
     dim = query.shape[-1]
     device = query.device
-    if device.type != "cuda" and not (device.type == "cpu" and gpu.interpreting()):
-        return f"device {device.type} (the Triton kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
+    if reason := gpu.device_reason(device):
+        return reason
     if any(t.device != device for t in tensors):
         return "tensors on several devices"
     if dim not in (16, 32, 64, 128, 256):

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...kernels import gpu
 from ...kernels import triton_decode as driver
 from ...kernels.checks import SCALE_TYPES, inner
 
@@ -231,11 +232,8 @@ _QUANT_BITS = (1, 2, 4, 8)
 
 def _quantize_reason(x, bits, group_size, scale_dtype, axis_length: int) -> str | None:
     """Why (well-formed: the op's check ran) a quantize call cannot take its Triton kernel, or None."""
-    device = x.device
-    from ...kernels import gpu
-
-    if device.type != "cuda" and not (device.type == "cpu" and gpu.interpreting()):
-        return f"device {device.type} (the Triton kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
+    if reason := gpu.device_reason(x.device):
+        return reason
     dim = x.shape[-1]
     if x.dtype not in SCALE_TYPES or (scale_dtype or x.dtype) not in SCALE_TYPES:
         return f"dtypes {x.dtype} / {scale_dtype}"
@@ -258,8 +256,6 @@ def quantize_pack_key_groups_reason(keys, bits, group_size, scale_dtype=None) ->
 
 def _scale_code(scale_dtype) -> tuple[int, bool]:
     code = SCALE_TYPES[scale_dtype]
-    from ...kernels import gpu
-
     return code, code == 2 and gpu.interpreting()
 
 
