@@ -35,6 +35,7 @@ LAYER_CONFIGS = {
         group_size=8, residual_length=16, sketch_dim=24, outlier_channels=0, outlier_sketch_dim=0
     ),  # fmt: skip
     "turbo": kvpack.TurboConfig(key_bits=4, group_size=8, residual_length=16),
+    "turbo_sinks": kvpack.TurboConfig(key_bits=4, group_size=8, residual_length=16, sink_tokens=3),
 }
 #: Metadata fields whose change must be refused (or be a no-op): they fix the tensors' shapes, dtypes and
 #: counts, or the file's own structure. Other fields (seed, residual_length, layer_idx, ...) can describe

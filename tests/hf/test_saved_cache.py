@@ -127,3 +127,34 @@ def test_bad_layer_configs_are_refused(tiny_llama):
         kvpack.make_cache(tiny_llama, base, layer_configs={0: {"method": "kivi"}})
     with pytest.raises(ValueError, match="group_size 32 must divide"):
         kvpack.make_cache(tiny_llama, base, layer_configs={1: kvpack.KIVIConfig()})
+
+
+def test_forged_per_layer_configs_in_the_header_are_refused_or_change_nothing(tmp_path, tiny_llama):
+    """Every leaf of the header's ``layer_configs`` changed or removed (digests recomputed, as a forger would):
+    the file is refused with a CacheFileError, or loads a cache whose next step is the original's."""
+    import json
+
+    from forgery_cases import leaf_edits, read_file, write_forged
+
+    base = kvpack.KIVIConfig(group_size=8, residual_length=16)
+    cache = kvpack.make_cache(tiny_llama, base, layer_configs={1: base.replace(key_bits=4, sink_tokens=2)})
+    prompt = torch.randint(2, 128, (2, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache, logits = runtime.forward(tiny_llama, prompt, cache, logits_to_keep=1)
+    kvpack.save_cache(cache, tmp_path / "c.kvpack")
+    tensors, metadata = read_file(tmp_path / "c.kvpack")
+    extra = json.loads(metadata["extra"])
+    first = logits[:, -1:].argmax(-1)
+    want, _ = _greedy(tiny_llama, copy.deepcopy(cache), first, 3)
+    edits = [(path, new) for path, new in leaf_edits(extra["layer_configs"])]
+    assert len(edits) > 30
+    for path, new in [*edits, (("<removed all>",), None)]:
+        header = {**extra, "layer_configs": new} if new is not None else {k: v for k, v in extra.items()
+                                                                        if k != "layer_configs"}  # fmt: skip
+        write_forged(tmp_path / "f.kvpack", tensors, {**metadata, "extra": json.dumps(header)})
+        try:
+            loaded = kvpack.load_cache(tiny_llama, tmp_path / "f.kvpack")
+        except kvpack.CacheFileError:
+            continue
+        got, _ = _greedy(tiny_llama, loaded, first, 3)
+        assert torch.equal(got, want), path
