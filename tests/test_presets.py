@@ -45,8 +45,14 @@ def test_make_cache_applies_a_preset_and_generates(name):
     ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(0))
     out = runtime.generate(model, cache, input_ids=ids, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 43) and cache.get_seq_length() == 42
-    with pytest.raises(ValueError, match="takes no config overrides"):
-        kvpack.make_cache(model, name, key_bits=2)
+    # Overrides apply to every config of the preset (base and per-layer), validated.
+    cache = kvpack.make_cache(model, name, residual_dtype="float16")
+    assert cache.method_config == preset.config.replace(residual_dtype="float16")
+    assert cache.layer_configs == {i: c.replace(residual_dtype="float16") for i, c in preset.layer_configs(3).items()}
+    with pytest.raises(ValueError, match="unknown TurboConfig fields"):
+        kvpack.make_cache(model, name, bits=2)
+    with pytest.raises(ValueError, match="residual_dtype must be one of"):
+        kvpack.make_cache(model, name, residual_dtype="float32")
 
 
 def test_the_eval_matrix_holds_every_preset_with_its_per_layer_memory():

@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 import torch
 
 __all__ = [
-    "MethodConfig", "SCALE_DTYPES", "check_bool", "check_choice", "check_positive_int", "check_residual", "check_sinks",
+    "MethodConfig", "RESIDUAL_DTYPES", "SCALE_DTYPES", "check_bool", "check_choice", "check_positive_int",
+    "check_residual", "check_sinks",
 ]  # fmt: skip
 
 #: Storage dtypes for quantization scales and zeros, by name.
@@ -55,6 +56,12 @@ def check_sinks(value: Any) -> None:
         raise ValueError(f"sink_tokens must be an integer in [0, {MAX_SINK_TOKENS}], got {value!r}")
 
 
+#: What ``residual_dtype`` may be: "model" holds the fp parts (residual, window, sinks) in the model's dtype; a
+#: 16-bit name holds those of a float32 model in 16 bits. A 16-bit model's fp parts always stay in its own dtype
+#: (converting between fp16 and bf16 loses range or precision and saves nothing).
+RESIDUAL_DTYPES = ("model", "float16", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
     """Common base: subclasses are frozen dataclasses that set ``method`` and validate in ``__post_init__``."""
@@ -76,6 +83,12 @@ class MethodConfig:
             bits = getattr(self, name)
             if head_dim * bits % 8:
                 raise ValueError(f"{what} {head_dim} at {name}={bits} does not fill whole bytes (head_dim * bits % 8)")
+
+    def fp_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the fp parts of a layer whose keys/values come in ``dtype`` are held in (``residual_dtype``,
+        where the config has one: 16 bits for a float32 model when asked, else ``dtype`` itself)."""
+        name = getattr(self, "residual_dtype", "model")
+        return dtype if name == "model" or dtype != torch.float32 else SCALE_DTYPES[name]
 
     #: Names of the bit-width fields whose codes are packed along head_dim (checked by :meth:`check_head_dim`).
     channel_packed_bits: ClassVar[tuple[str, ...]] = ()

@@ -516,6 +516,10 @@ class CompressedLayer:
             self._build(keys.shape[3])
             self._shape = (keys.shape[0], keys.shape[1], keys.shape[3])
             self._dtype, self._device = keys.dtype, keys.device
+        given = keys, values
+        fp_dtype = self.config.fp_dtype(keys.dtype)
+        if fp_dtype != keys.dtype:  # residual_dtype: a float32 model's fp parts held in 16 bits
+            keys, values = keys.to(fp_dtype), values.to(fp_dtype)
         try:
             need = getattr(self.config, "sink_tokens", 0) - self.num_sinks
             if need > 0:  # the first tokens of the layer: into the sinks, the rest (if any) into the stores
@@ -527,6 +531,16 @@ class CompressedLayer:
             elif not self._append_fast(keys, values):
                 self._check_finite(keys, values)
                 self._store(keys, values)
+        except ValueError as err:
+            if first:
+                self._shape = self._dtype = self._device = None
+            if keys is not given[0] and "NaN/Inf" in str(err) and self.config.check_finite:
+                self._check_finite(*given)  # the input's own NaN/Inf, else the conversion overflowed:
+                raise ValueError(
+                    f"keys or values exceed the range of {fp_dtype} (residual_dtype={self.config.residual_dtype!r}); "
+                    "nothing was stored. 'bfloat16' holds any float32 value"
+                ) from None
+            raise
         except Exception:
             if first:
                 self._shape = self._dtype = self._device = None
@@ -609,6 +623,12 @@ class CompressedLayer:
         return self._dtype
 
     @property
+    def fp_dtype(self) -> torch.dtype | None:
+        """The dtype the fp parts (residual, window, sinks) are held in: :attr:`dtype` unless the config's
+        ``residual_dtype`` holds a float32 model's in 16 bits (None before the first append)."""
+        return None if self._dtype is None else self.config.fp_dtype(self._dtype)
+
+    @property
     def shape(self) -> tuple[int, int, int] | None:
         """``(batch, kv_heads, head_dim)`` of the stored tokens (None before the first append)."""
         return self._shape
@@ -638,7 +658,7 @@ class CompressedLayer:
         out = []
         for side, read in enumerate((keys, values)):
             parts = [read().to(self._dtype)] if self.keys.num_tokens else []
-            parts = self._with_sinks(parts, side)
+            parts = [x.to(self._dtype) for x in self._with_sinks(parts, side)]
             out.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
         return out[0], out[1]
 
@@ -738,7 +758,7 @@ class CompressedLayer:
         key = (self._shape, self._dtype, self._device, id(store))
         if key not in self._empty_rows:  # a handful of entries: (batch size, side) pairs seen
             batch, heads, dim = self._shape
-            spec = store.format.spec(batch, heads, dim, self._dtype, 0)
+            spec = store.format.spec(batch, heads, dim, self.fp_dtype, 0)
             self._empty_rows[key] = {name: torch.empty(shape, dtype=dtype, device=self._device)
                                      for name, (shape, dtype) in spec.items()}  # fmt: skip
         return 0, self._empty_rows[key], fp
@@ -853,12 +873,13 @@ class CompressedLayer:
             raise CacheFileError(f"the saved state's tensors are on several devices: {sorted(map(str, devices))}")
         self._build(dim)
         tensors = dict(tensors)
-        sinks = self._check_sinks(metadata, tensors, shape, dtype)  # and takes the sink tensors out
+        fp_dtype = self.config.fp_dtype(dtype)  # what the fp parts (and the quantizers' inputs) were held in
+        sinks = self._check_sinks(metadata, tensors, shape, fp_dtype)  # and takes the sink tensors out
         fp_lengths, restored = [], []
         for prefix, store, count in (("keys", self.keys, counts[0]), ("values", self.values, counts[1])):
             quant_prefix, fp_name = store.names[0] + ".", store.names[1]
             own = {name[len(prefix) + 1 :]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
-            spec = store.format.spec(batch, heads, dim, dtype, count)
+            spec = store.format.spec(batch, heads, dim, fp_dtype, count)
             spec = {quant_prefix + name: value for name, value in spec.items()}
             unknown = sorted(set(own) - set(spec) - {fp_name})
             if unknown:
@@ -869,7 +890,7 @@ class CompressedLayer:
                 raise CacheFileError(f"the saved state lacks {missing} ({count} quantized)")
             fp_tensor = own.get(fp_name)
             fp_len = 0 if fp_tensor is None else (fp_tensor.shape[2] if fp_tensor.dim() == 4 else -1)
-            spec[fp_name] = ((batch, heads, fp_len, dim), dtype)
+            spec[fp_name] = ((batch, heads, fp_len, dim), fp_dtype)
             for name, tensor in own.items():
                 want_shape, want_dtype = spec[name]
                 if tuple(tensor.shape) != want_shape or tensor.dtype != want_dtype:
@@ -970,8 +991,8 @@ class CompressedLayer:
         sinks = self.num_sinks
         if num_tokens < sinks:
             self._sinks = tuple(x[:, :, :num_tokens].clone() for x in self._sinks) if num_tokens else None
-        self.keys.crop(max(num_tokens - sinks, 0), self._dtype)
-        self.values.crop(max(num_tokens - sinks, 0), self._dtype)
+        self.keys.crop(max(num_tokens - sinks, 0), self.fp_dtype)
+        self.values.crop(max(num_tokens - sinks, 0), self.fp_dtype)
 
     def _apply_batch(self, fn) -> None:
         if self._shape is None:

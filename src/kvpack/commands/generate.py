@@ -193,6 +193,7 @@ def run(args) -> int:
     residual = max((getattr(c, "residual_length", 0) for c in (cache.method_config, *cache.layer_configs.values())),
                    default=0)  # fmt: skip
     if tokens <= residual:
-        line += f"; nothing is quantized below R = {residual} tokens (the fp residual is held in the model dtype)"
+        fp_dtype = str(cache.method_config.fp_dtype(getattr(torch, args.dtype))).removeprefix("torch.")
+        line += f"; nothing is quantized below R = {residual} tokens (the fp residual is held in {fp_dtype})"
     print(line)
     return 0

@@ -332,7 +332,7 @@ def make_cache(
         skip_layers: layer indices kept in full precision (added to a preset's).
         layer_configs: layer index -> config for that layer (per-layer precision; over a preset's).
         **overrides: config fields to change, e.g. ``key_bits=4, residual_length=64`` (of ``method_config``;
-            not with a preset).
+            of every config of a preset, e.g. ``make_cache(model, "kv3", residual_dtype="float16")``).
 
     Returns:
         A :class:`KVPackCache`; the model attends through the packed store after :func:`kvpack.hf.enable`.
@@ -345,27 +345,33 @@ def make_cache(
         from ..presets import PRESETS
 
         if method_config in PRESETS:
-            if overrides:
-                raise ValueError(f"preset {method_config!r} takes no config overrides, got {sorted(overrides)}")
             preset = PRESETS[method_config]
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
-            layer_configs = {**preset.layer_configs(num_layers), **(layer_configs or {})}
+            own = {i: _overridden(c, overrides) for i, c in preset.layer_configs(num_layers).items()}
+            layer_configs = {**own, **(layer_configs or {})}
             skip_layers = sorted(set(skip_layers) | set(preset.skip_layers(num_layers)))
-            return KVPackCache(config, preset.config, skip_layers=skip_layers, layer_configs=layer_configs)
+            base = _overridden(preset.config, overrides)
+            return KVPackCache(config, base, skip_layers=skip_layers, layer_configs=layer_configs)
         method_config = config_class(method_config)()
     if not isinstance(method_config, MethodConfig):
         raise TypeError(
             f"method_config must be a kvpack MethodConfig or a method name, got {type(method_config).__name__}"
         )
-    if overrides:
-        known = {f for f in method_config.to_dict() if f != "method"}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown {type(method_config).__name__} fields {unknown}; allowed: {sorted(known)} (and skip_layers)"
-            )
-        method_config = method_config.replace(**overrides)
+    method_config = _overridden(method_config, overrides)
     return KVPackCache(config, method_config, skip_layers=skip_layers, layer_configs=layer_configs)
+
+
+def _overridden(method_config: MethodConfig, overrides: dict) -> MethodConfig:
+    """``method_config`` with ``overrides`` (config fields) applied, validated; unknown fields raise."""
+    if not overrides:
+        return method_config
+    known = {f for f in method_config.to_dict() if f != "method"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown {type(method_config).__name__} fields {unknown}; allowed: {sorted(known)} (and skip_layers)"
+        )
+    return method_config.replace(**overrides)
 
 
 # --- saved caches ---------------------------------------------------------------------------------------

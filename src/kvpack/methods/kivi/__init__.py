@@ -12,7 +12,15 @@ import dataclasses
 
 import torch
 
-from ...config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual, check_sinks
+from ...config import (
+    RESIDUAL_DTYPES,
+    SCALE_DTYPES,
+    MethodConfig,
+    check_bool,
+    check_choice,
+    check_residual,
+    check_sinks,
+)
 from ...primitives import dequantize_affine, unpack_bits
 from ...registry import register
 from ...store import CompressedLayer, Format
@@ -40,6 +48,9 @@ class KIVIConfig(MethodConfig):
         check_finite: reject NaN/Inf keys and values on append (costs one pass over the input).
         sink_tokens: the first S tokens of the layer are kept in full precision and never quantized (attention
             sinks, as KVQuant and RotateKV keep them); 0, the paper's method, by default.
+        residual_dtype: "model" (default) holds the fp residual, window and sinks in the model's dtype;
+            "float16" or "bfloat16" holds those of a float32 model in 16 bits (half the bytes of the part
+            that is never quantized, which is all of a short chat; 16-bit models are unaffected).
 
     Deviations from the paper's code: scales are stored in ``scale_dtype`` and codes are computed from the
     rounded scale, so a kernel reading the store reconstructs exactly the reference; 8 bits is allowed.
@@ -53,6 +64,7 @@ class KIVIConfig(MethodConfig):
     scale_dtype: str | None = "float16"
     check_finite: bool = True
     sink_tokens: int = 0
+    residual_dtype: str = "model"
 
     channel_packed_bits = ("value_bits",)
 
@@ -69,6 +81,7 @@ class KIVIConfig(MethodConfig):
             check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
         check_bool("check_finite", self.check_finite)
         check_sinks(self.sink_tokens)
+        check_choice("residual_dtype", self.residual_dtype, RESIDUAL_DTYPES)
 
     @property
     def torch_scale_dtype(self) -> torch.dtype | None:

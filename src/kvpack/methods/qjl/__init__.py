@@ -14,7 +14,15 @@ import struct
 
 import torch
 
-from ...config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual, check_sinks
+from ...config import (
+    RESIDUAL_DTYPES,
+    SCALE_DTYPES,
+    MethodConfig,
+    check_bool,
+    check_choice,
+    check_residual,
+    check_sinks,
+)
 from ...primitives import unpack_bits
 from ...registry import register
 from ...store import CompressedLayer, Format
@@ -60,6 +68,9 @@ class QJLConfig(MethodConfig):
         check_finite: reject NaN/Inf keys and values on append (costs one pass over the input).
         sink_tokens: the first S tokens of the layer are kept in full precision and never quantized (attention
             sinks, as KVQuant and RotateKV keep them); 0, the paper's method, by default.
+        residual_dtype: "model" (default) holds the fp residual, window and sinks in the model's dtype;
+            "float16" or "bfloat16" holds those of a float32 model in 16 bits (half the bytes of the part
+            that is never quantized, which is all of a short chat; 16-bit models are unaffected).
 
     Storage per key, head_dim d (see :func:`qjl_key_bits`): ``m + 16`` bits, plus ``m_o + 16`` when k > 0,
     plus ``8 k / G`` for the group's outlier indices (16 k / G when d > 256). The defaults (m = 256,
@@ -87,6 +98,7 @@ class QJLConfig(MethodConfig):
     scale_dtype: str | None = "float16"
     check_finite: bool = True
     sink_tokens: int = 0
+    residual_dtype: str = "model"
 
     channel_packed_bits = ("value_bits",)
 
@@ -112,6 +124,7 @@ class QJLConfig(MethodConfig):
         check_bool("orthogonal", self.orthogonal)
         check_bool("check_finite", self.check_finite)
         check_sinks(self.sink_tokens)
+        check_choice("residual_dtype", self.residual_dtype, RESIDUAL_DTYPES)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.scale_dtype is not None:

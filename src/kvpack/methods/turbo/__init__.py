@@ -33,7 +33,15 @@ import math
 
 import torch
 
-from ...config import SCALE_DTYPES, MethodConfig, check_bool, check_choice, check_residual, check_sinks
+from ...config import (
+    RESIDUAL_DTYPES,
+    SCALE_DTYPES,
+    MethodConfig,
+    check_bool,
+    check_choice,
+    check_residual,
+    check_sinks,
+)
 from ...primitives import pack_bits, unpack_bits
 from ...registry import register
 from ...store import CompressedLayer, Format
@@ -92,6 +100,9 @@ class TurboConfig(MethodConfig):
         check_finite: reject NaN/Inf keys and values on append.
         sink_tokens: the first S tokens of the layer are kept in full precision and never quantized (attention
             sinks, as KVQuant and RotateKV keep them); 0, the paper's method, by default.
+        residual_dtype: "model" (default) holds the fp residual, window and sinks in the model's dtype;
+            "float16" or "bfloat16" holds those of a float32 model in 16 bits (half the bytes of the part
+            that is never quantized, which is all of a short chat; 16-bit models are unaffected).
 
     Bits per element: ``bits + 16 / head_dim`` for the quantized part (2.25 at 2 bits, head_dim 64).
     ``head_dim * bits`` must be a multiple of 8 for both widths (codes are packed along the channels), and
@@ -107,6 +118,7 @@ class TurboConfig(MethodConfig):
     scale_dtype: str = "float16"
     check_finite: bool = True
     sink_tokens: int = 0
+    residual_dtype: str = "model"
 
     channel_packed_bits = ("key_bits", "value_bits")
 
@@ -119,6 +131,7 @@ class TurboConfig(MethodConfig):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         check_bool("check_finite", self.check_finite)
         check_sinks(self.sink_tokens)
+        check_choice("residual_dtype", self.residual_dtype, RESIDUAL_DTYPES)
 
 
 #: Inputs of at most this many coordinates (a decode step's tokens) find their cells in one broadcast compare.
