@@ -219,7 +219,8 @@ def _load_entry(entry, tensors: dict[str, torch.Tensor], device, max_head_dim: i
     except (TypeError, ValueError) as err:
         raise CacheFileError(f"invalid method config {config_dict}: {err}") from None
     try:
-        layer = make_layer(config, layer_idx=layer_idx)
+        layer = make_layer(config, layer_idx=layer_idx, sliding_window=entry.get("sliding_window"),
+                           drop_unit=entry.get("drop_unit"))  # fmt: skip
     except ValueError as err:
         raise CacheFileError(str(err)) from None
     layer.load_state_dict({name: t.to(device) for name, t in tensors.items()}, entry, max_head_dim=max_head_dim)

@@ -48,8 +48,13 @@ def register(config_cls: type, variants: dict[str, dict] | None = None) -> Calla
     return wrap
 
 
-def make_layer(config: MethodConfig, layer_idx: int = 0):
+def make_layer(config: MethodConfig, layer_idx: int = 0, *, sliding_window: int | None = None,
+               drop_unit: int | None = None):  # fmt: skip
     """Build one attention layer's compressed KV store for ``config``.
+
+    ``sliding_window`` W makes it a sliding-window layer (the query at position p reads positions
+    p - W + 1 .. p; older tokens are dropped in whole units of ``drop_unit`` tokens, default the config's
+    row sizes; see :class:`kvpack.store.CompressedLayer`).
 
     Raises:
         TypeError: ``config`` is not a registered method config.
@@ -63,7 +68,7 @@ def make_layer(config: MethodConfig, layer_idx: int = 0):
         raise TypeError(
             f"make_layer expects one of {[c.__name__ for c in _LAYERS]}, got {type(config).__name__}"
         ) from None
-    return layer_cls(config, layer_idx=layer_idx)
+    return layer_cls(config, layer_idx=layer_idx, sliding_window=sliding_window, drop_unit=drop_unit)
 
 
 def method_names() -> list[str]:

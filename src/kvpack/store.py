@@ -21,6 +21,7 @@ decode kernels of each method.
 from __future__ import annotations
 
 import abc
+import math
 
 import torch
 
@@ -295,6 +296,19 @@ class Store:
             self.fp.undrop_front(n_flush, replaced)
         self.fp.truncate(before)
 
+    def drop_front_tokens(self, n: int) -> None:
+        """Drop the ``n`` oldest tokens (a sliding-window layer's tokens that left the window): whole rows first,
+        then the front of the fp part once no row is left. ``n`` ends on a row boundary (the layer's unit)."""
+        self.pending = self._undo = None
+        from_rows = min(n, self.num_quantized)
+        if from_rows % self.unit:
+            raise RuntimeError(f"dropping {n} tokens would cut a row of {self.unit} tokens")
+        for buf in self.rows.values():
+            buf.drop_front(from_rows // self.unit)
+        self.num_rows -= from_rows // self.unit
+        if n > from_rows:
+            self.fp.drop_front(n - from_rows)
+
     def row_views(self, n: int | None = None) -> dict[str, torch.Tensor]:
         n = self.num_rows if n is None else n
         return {name: buf.data[:, :, buf.start : buf.start + n] for name, buf in self.rows.items()}  # one slice each
@@ -441,7 +455,14 @@ class CompressedLayer:
     #: The method's fused decode kernel (a :class:`kvpack.kernels.Kernel` taking :meth:`_decode_args`), or None.
     decode_op = None
 
-    def __init__(self, config: MethodConfig, layer_idx: int = 0) -> None:
+    def __init__(
+        self,
+        config: MethodConfig,
+        layer_idx: int = 0,
+        *,
+        sliding_window: int | None = None,
+        drop_unit: int | None = None,
+    ) -> None:
         self.config = config
         self.layer_idx = layer_idx
         key_format, value_format = self.formats()
@@ -456,6 +477,33 @@ class CompressedLayer:
         # dtype, or None. Attention reads them as the last fp chunk (the order of the tokens does not matter to
         # softmax once the mask's columns follow them: see _sinks_last).
         self._sinks: tuple[torch.Tensor, torch.Tensor] | None = None
+        # A sliding-window layer (transformers' semantics: the query at position p reads the keys at positions
+        # p - W + 1 .. p) drops, at each append, the oldest whole units of ``drop_unit`` tokens that no later
+        # query reads; ``_dropped`` tokens are gone from the front.
+        self.sliding_window = sliding_window
+        self.drop_unit = self._check_sliding(sliding_window, drop_unit)
+        self._dropped = 0
+
+    def _check_sliding(self, sliding_window, drop_unit) -> int | None:
+        """Validate the sliding-window arguments; returns the drop unit (None for a full-attention layer)."""
+        if sliding_window is None:
+            if drop_unit is not None:
+                raise ValueError("drop_unit is only for a sliding-window layer (give sliding_window too)")
+            return None
+        if type(sliding_window) is not int or sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive integer or None, got {sliding_window!r}")
+        if getattr(self.config, "sink_tokens", 0):
+            raise ValueError(
+                "sink_tokens must be 0 in a sliding-window layer (the first tokens leave the window like any other)"
+            )
+        unit = self.row_unit
+        if drop_unit is None:
+            return unit
+        if type(drop_unit) is not int or drop_unit < 1 or drop_unit % unit:
+            raise ValueError(
+                f"drop_unit must be a positive multiple of {unit} (this config's row sizes), got {drop_unit!r}"
+            )
+        return drop_unit
 
     # --- input checks ---------------------------------------------------------------------------------
     def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -516,6 +564,9 @@ class CompressedLayer:
             self._build(keys.shape[3])
             self._shape = (keys.shape[0], keys.shape[1], keys.shape[3])
             self._dtype, self._device = keys.dtype, keys.device
+        # Tokens that left the sliding window go first: no query from here on reads them (even if this append is
+        # refused), and the mask transformers built for this step (get_mask_sizes) already leaves them out.
+        self._drop(self.pending_drop())
         given = keys, values
         fp_dtype = self.config.fp_dtype(keys.dtype)
         if fp_dtype != keys.dtype:  # residual_dtype: a float32 model's fp parts held in 16 bits
@@ -614,8 +665,49 @@ class CompressedLayer:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens held."""
+        """Tokens held (a sliding-window layer's after what it dropped: see :attr:`seq_length`)."""
         return self.num_sinks + self.keys.num_tokens
+
+    @property
+    def row_unit(self) -> int:
+        """Tokens in a whole number of rows of both sides (a sliding-window layer drops multiples of it)."""
+        return math.lcm(self.keys.unit, self.values.unit)
+
+    @property
+    def num_dropped(self) -> int:
+        """Tokens a sliding-window layer dropped from the front (0 for a full-attention layer)."""
+        return self._dropped
+
+    @property
+    def seq_length(self) -> int:
+        """Tokens appended (less those cropped): the position of the next token. The held tokens are the last
+        :attr:`num_tokens` of them."""
+        return self._dropped + self.num_tokens
+
+    def pending_drop(self) -> int:
+        """Tokens the next :meth:`append` drops first: the oldest whole ``drop_unit`` units that no query from
+        position :attr:`seq_length` on reads (it reads positions > seq_length - sliding_window). 0 for a
+        full-attention layer."""
+        if self.sliding_window is None:
+            return 0
+        unread = self.seq_length - self.sliding_window + 1 - self._dropped  # the held tokens no query reads
+        return max(unread, 0) // self.drop_unit * self.drop_unit
+
+    def _drop(self, n: int) -> None:
+        if n:
+            self.keys.drop_front_tokens(n)
+            self.values.drop_front_tokens(n)
+            self._dropped += n
+
+    def _window_mask(self, t_q: int, device) -> torch.Tensor | None:
+        """A sliding-window layer's default mask when some held key is out of some query's window: bool
+        (t_q, T), True where query i (at position seq_length - t_q + i) reads key j (at num_dropped + j)."""
+        if self.sliding_window is None or self.num_tokens <= self.sliding_window:
+            return None  # every held key is within the window of each query that may read it: causal suffices
+        total = self.num_tokens
+        q = torch.arange(total - t_q, total, device=device)[:, None]
+        k = torch.arange(total, device=device)[None, :]
+        return (k <= q) & (k > q - self.sliding_window)
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -718,6 +810,8 @@ class CompressedLayer:
         self._check_query(query)
         batch, heads_q, t_q, dim = query.shape
         scale = dim**-0.5 if scale is None else scale
+        if attention_mask is None:
+            attention_mask = self._window_mask(t_q, query.device)
         if t_q >= SDPA_MIN_QUERIES:
             return self._attend_materialized(query, scale, attention_mask)
         mask = self._sinks_last(self._grouped_mask(attention_mask, query, self.num_tokens))
@@ -788,6 +882,8 @@ class CompressedLayer:
     def _attend_materialized(self, query: torch.Tensor, scale: float, attention_mask: torch.Tensor | None):
         """:meth:`attend` for many query rows: SDPA (float32) over :meth:`materialize`'s K/V, same masks."""
         self._check_query(query)
+        if attention_mask is None:
+            attention_mask = self._window_mask(query.shape[2], query.device)
         keys, values = (x.float() for x in self.materialize())
         t_q, total = query.shape[2], keys.shape[2]
         mask = _mask(attention_mask, t_q, total, query.device, whole_causal=True)
@@ -836,6 +932,8 @@ class CompressedLayer:
             "key_groups": self.keys.num_rows,
             "value_quantized": self.values.num_rows,
         }
+        if self.sliding_window is not None:  # (absent otherwise, as the sinks' fields)
+            metadata.update(sliding_window=self.sliding_window, drop_unit=self.drop_unit, dropped=self._dropped)
         if getattr(self.config, "sink_tokens", 0):  # (absent otherwise: files of configs without sinks unchanged)
             metadata["sinks"] = self.num_sinks
             if self._sinks is not None:
@@ -920,14 +1018,32 @@ class CompressedLayer:
             )
         if key_tokens != value_tokens:
             raise CacheFileError(f"the keys hold {key_tokens} tokens but the values {value_tokens}")
+        dropped = self._check_dropped(metadata, key_tokens)
         sink_tokens = getattr(self.config, "sink_tokens", 0)
         if key_tokens and (sinks[0].shape[2] if sinks else 0) != sink_tokens:
             raise CacheFileError(f"the state holds tokens past the sinks but not all {sink_tokens} sink tokens")
         for store, own, count in restored:
             store.restore(own, count)
         self._sinks = sinks
+        self._dropped = dropped
         self._shape, self._dtype = shape, dtype
         self._device = next(iter(devices)) if devices else torch.device("cpu")
+
+    def _check_dropped(self, metadata: dict, held: int) -> int:
+        """A sliding-window layer's saved ``dropped`` count (validated), else 0."""
+        if self.sliding_window is None:
+            return 0
+        window, dropped = metadata["sliding_window"], metadata["dropped"]
+        for name, mine in (("sliding_window", self.sliding_window), ("drop_unit", self.drop_unit)):
+            if metadata[name] != mine or type(metadata[name]) is not int:
+                raise CacheFileError(f"state was saved with {name} {metadata[name]!r}, this layer has {mine}")
+        if not _is_count(dropped) or dropped % self.drop_unit:
+            raise CacheFileError(f"dropped must be a non-negative multiple of {self.drop_unit}, got {dropped!r}")
+        if dropped and held < window - 1:
+            raise CacheFileError(
+                f"the state dropped {dropped} tokens but holds {held}, fewer than the {window - 1} the next query reads"
+            )
+        return dropped
 
     def _check_sinks(self, metadata: dict, tensors: dict, shape, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The saved sinks (validated, removed from ``tensors``), or None."""
@@ -955,6 +1071,8 @@ class CompressedLayer:
         fields = {"config", "layer_idx", "shape", "dtype", "key_groups", "value_quantized"}
         if getattr(self.config, "sink_tokens", 0):
             fields.add("sinks")
+        if self.sliding_window is not None:
+            fields |= {"sliding_window", "drop_unit", "dropped"}
         if set(metadata) != fields:
             raise CacheFileError(f"the saved state's metadata has fields {sorted(metadata)}, expected {sorted(fields)}")
         if not _same_config(metadata["config"], self.config):
@@ -988,6 +1106,11 @@ class CompressedLayer:
             return  # nothing stored
         if num_tokens < 0:
             num_tokens = max(self.num_tokens + num_tokens, 0)
+        if self._dropped and num_tokens < self.sliding_window - 1:
+            raise ValueError(
+                f"a sliding-window layer that dropped its oldest tokens keeps at least sliding_window - 1 = "
+                f"{self.sliding_window - 1} (the next query reads them), got a crop to {num_tokens}"
+            )
         sinks = self.num_sinks
         if num_tokens < sinks:
             self._sinks = tuple(x[:, :, :num_tokens].clone() for x in self._sinks) if num_tokens else None

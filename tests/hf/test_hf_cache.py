@@ -402,7 +402,7 @@ def test_half_precision_models(dtype, fused):
 
 
 @pytest.mark.parametrize("fused", PATHS)
-def test_sliding_window_layers_stay_unquantized(fused):
+def test_sliding_window_layers_are_kvpack_stores_unless_skipped(fused):
     config = transformers.Qwen2Config(
         vocab_size=128,
         hidden_size=64,
@@ -422,8 +422,13 @@ def test_sliding_window_layers_stay_unquantized(fused):
     expected = generate(model, DynamicCache(config=model.config), input_ids, attention_mask)
     set_path(model, fused)
     cache = make_cache(model, "kivi", group_size=8, residual_length=64)
-    assert [type(layer) for layer in cache.layers] == [KVPackLayer, DynamicSlidingWindowLayer]
+    assert [type(layer) for layer in cache.layers] == [KVPackLayer, KVPackLayer]
+    assert [layer.is_sliding for layer in cache.layers] == [False, True] and cache.layers[1].get_max_length() == 8
     assert torch.equal(generate(model, cache, input_ids, attention_mask), expected)
+    assert cache.layers[1].store.num_dropped > 0 and cache.layers[1].store.num_tokens < cache.get_seq_length()
+    skipped = make_cache(model, "kivi", group_size=8, residual_length=64, skip_layers=[1])
+    assert [type(layer) for layer in skipped.layers] == [KVPackLayer, DynamicSlidingWindowLayer]
+    assert torch.equal(generate(model, skipped, input_ids, attention_mask), expected)
 
 
 def test_past_key_values_spelling_still_works(tiny_llama):

@@ -63,7 +63,8 @@ def kvpack_attention_forward(
         ``(attn_output, None)``: attn_output (B, T_q, H_q, D) in the query dtype, contiguous.
 
     Raises:
-        NotImplementedError: dropout, softcap, sinks, position bias or a sliding window on the packed path.
+        NotImplementedError: dropout, softcap, sinks or position bias on the packed path, or a sliding window
+            other than the store's.
         TypeError: ``key`` and ``value`` are not both tensors or both handles of one store.
     """
     if not isinstance(key, KVHandle):
@@ -80,9 +81,16 @@ def kvpack_attention_forward(
         raise NotImplementedError(
             f"kvpack attention does not support attention dropout (got {dropout}); call model.eval()"
         )
-    for name in ("softcap", "s_aux", "sinks", "position_bias", "sliding_window"):
+    for name in ("softcap", "s_aux", "sinks", "position_bias"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"kvpack attention does not support {name!r} on quantized layers")
+    window = kwargs.get("sliding_window")
+    if window is not None and window != key.store.sliding_window:
+        # A sliding layer's store knows its window (the mask and its default mask follow it); a full one does not.
+        raise NotImplementedError(
+            f"kvpack attention got sliding_window={window} for a store with sliding_window="
+            f"{key.store.sliding_window}; build the cache with make_cache for this model"
+        )
     if kwargs.get("output_attentions"):
         _log_once(logging.WARNING, "kvpack attention does not return attention weights (output_attentions is ignored)")
     store = key.store

@@ -1,9 +1,10 @@
-"""A ``transformers.Cache`` whose full-attention layers are kvpack stores.
+"""A ``transformers.Cache`` whose full-attention and sliding-window layers are kvpack stores.
 
 :func:`make_cache` builds a :class:`KVPackCache` for a model: one :class:`KVPackLayer` (a
-``CacheLayerMixin`` wrapping ``kvpack.make_layer(config, layer_idx)``) per full-attention layer, and the
-layers transformers' own ``DynamicCache(config=...)`` would build everywhere else (sliding-window,
-chunked, linear-attention and KV-sharing layers stay unquantized), plus plain ``DynamicLayer`` for the
+``CacheLayerMixin`` wrapping ``kvpack.make_layer(config, layer_idx)``) per full-attention layer and per
+sliding-window layer (a store that drops the tokens that left the window, with transformers' mask
+semantics), and the layers transformers' own ``DynamicCache(config=...)`` would build everywhere else
+(chunked, linear-attention and KV-sharing layers stay unquantized), plus transformers' plain layers for the
 layers named in ``skip_layers``.
 
 What ``update`` returns depends on the model's attention implementation, read at every call:
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
 from transformers import Cache, DynamicCache, DynamicLayer
-from transformers.cache_utils import CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
 from ..config import MethodConfig
 from ..errors import CacheFileError
@@ -73,12 +75,18 @@ class KVHandle:
 
 
 class KVPackLayer(CacheLayerMixin):
-    """One full-attention layer's cache: a kvpack :class:`~kvpack.store.CompressedLayer` behind
-    transformers' ``CacheLayerMixin`` API.
+    """One attention layer's cache: a kvpack :class:`~kvpack.store.CompressedLayer` behind transformers'
+    ``CacheLayerMixin`` API.
 
     Args:
         method_config: the method config, e.g. ``kvpack.KIVIConfig(key_bits=4)``.
         layer_idx: index of the attention layer (methods may seed per-layer state from it).
+        sliding_window: W for a sliding-window layer (as transformers' ``DynamicSlidingWindowLayer``: the query
+            at position p reads positions p - W + 1 .. p), else None. Its store drops the tokens no later query
+            reads in whole units of ``drop_unit`` tokens, so it holds between W - 1 and W - 2 + drop_unit tokens
+            (transformers' own holds W - 1); :meth:`get_mask_sizes` says which.
+        drop_unit: the tokens dropped at a time; every sliding layer of a cache shares one (transformers builds
+            one mask for all of them).
 
     ``crop`` is supported (assisted decoding) but is not a perfect rollback once tokens were quantized: a
     quantized key group cut in the middle returns to the fp residual as its reconstruction.
@@ -88,11 +96,18 @@ class KVPackLayer(CacheLayerMixin):
     is_croppable = True
     is_sliding = False
 
-    def __init__(self, method_config: MethodConfig, layer_idx: int) -> None:
+    def __init__(self, method_config: MethodConfig, layer_idx: int, sliding_window: int | None = None,
+                 drop_unit: int | None = None) -> None:  # fmt: skip
         super().__init__()
         self.method_config = method_config
         self.layer_idx = layer_idx
-        self.store: CompressedLayer = make_layer(method_config, layer_idx=layer_idx)
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.store: CompressedLayer = self._new_store(drop_unit)
+
+    def _new_store(self, drop_unit: int | None) -> CompressedLayer:
+        return make_layer(self.method_config, layer_idx=self.layer_idx, sliding_window=self.sliding_window,
+                          drop_unit=drop_unit)  # fmt: skip
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -103,6 +118,11 @@ class KVPackLayer(CacheLayerMixin):
         """Hold ``store``, filled elsewhere (a loaded cache), as this layer's state."""
         if store.layer_idx != self.layer_idx:
             raise ValueError(f"a store of layer {store.layer_idx} cannot fill layer {self.layer_idx}")
+        if (store.sliding_window, store.drop_unit) != (self.sliding_window, self.store.drop_unit):
+            raise ValueError(
+                f"a store with sliding_window={store.sliding_window}, drop_unit={store.drop_unit} cannot fill a layer "
+                f"with sliding_window={self.sliding_window}, drop_unit={self.store.drop_unit}"
+            )
         self.store = store
         self.device, self.dtype = torch.device(device), store.dtype
         self.is_initialized = True
@@ -124,18 +144,21 @@ class KVPackLayer(CacheLayerMixin):
         return self.store.materialize()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """(kv_length, kv_offset) of the mask for ``query_length`` new tokens: every stored token is attended."""
-        return self.get_seq_length() + query_length, 0
+        """(kv_length, kv_offset) of the mask for ``query_length`` new tokens: the tokens the next ``update``
+        returns (every held one, less those a sliding-window store drops first) and the position of the first."""
+        drop = self.store.pending_drop()
+        return self.store.num_tokens - drop + query_length, self.store.num_dropped + drop
 
     def get_seq_length(self) -> int:
-        return self.store.num_tokens
+        """Tokens seen (a sliding-window layer holds only the last of them)."""
+        return self.store.seq_length
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.sliding_window is None else self.sliding_window
 
     def reset(self) -> None:
         """Drop every token (a fresh store; the next ``update`` starts over)."""
-        self.store = make_layer(self.method_config, layer_idx=self.layer_idx)
+        self.store = self._new_store(self.store.drop_unit if self.is_sliding else None)
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -202,7 +225,7 @@ def _fp_layer_nbytes(layer) -> tuple[int, int]:
 
 
 class KVPackCache(Cache):
-    """A ``transformers.Cache`` with a kvpack store in each full-attention layer.
+    """A ``transformers.Cache`` with a kvpack store in each full-attention and sliding-window layer.
 
     Pass it to ``model.generate(..., cache=...)`` or to a manual forward loop (``model(..., cache=...)``);
     ``past_key_values=`` still works in transformers 5.24 but is deprecated there. Prefer :func:`make_cache`.
@@ -240,12 +263,19 @@ class KVPackCache(Cache):
                 raise TypeError(f"layer_configs[{i}] must be a kvpack MethodConfig, got {type(layer_config).__name__}")
         for layer_config in {method_config, *per_layer.values()}:
             _check_head_dim(text_config, layer_config)
+        sliding = {i: layer.sliding_window for i, layer in enumerate(layers)
+                   if type(layer) is DynamicSlidingWindowLayer and i not in skip}  # fmt: skip
+        sliding_configs = {i: _sliding_config(per_layer.get(i, method_config), i) for i in sliding}
+        # One drop unit for every sliding layer: transformers builds one mask for all of them.
+        drop_unit = math.lcm(*(make_layer(c).row_unit for c in set(sliding_configs.values()))) if sliding else None
         for i, layer in enumerate(layers):
-            # Exactly DynamicLayer: subclasses (sliding window, indexed) keep their own semantics.
+            # Exactly DynamicLayer or DynamicSlidingWindowLayer: other kinds (chunked, indexed, linear) keep theirs.
             if type(layer) is DynamicLayer and i not in skip:
                 layers[i] = KVPackLayer(per_layer.get(i, method_config), layer_idx=i)
+            elif i in sliding:
+                layers[i] = KVPackLayer(sliding_configs[i], layer_idx=i, sliding_window=sliding[i], drop_unit=drop_unit)
         if not any(isinstance(layer, KVPackLayer) for layer in layers):
-            logger.warning("no layer of this model is quantized (all skipped, sliding-window or not attention)")
+            logger.warning("no layer of this model is quantized (all skipped or not attention)")
         super().__init__(layers=layers)
         self.method_config = method_config
         self.skip_layers = tuple(sorted(skip))
@@ -253,7 +283,10 @@ class KVPackCache(Cache):
         self._text_config = text_config
 
     def config_of(self, layer_idx: int) -> MethodConfig:
-        """The method config of quantized layer ``layer_idx``."""
+        """The method config of quantized layer ``layer_idx`` (a sliding-window layer's keeps no sinks)."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, KVPackLayer):
+            return layer.method_config
         return self.layer_configs.get(layer_idx, self.method_config)
 
     def __deepcopy__(self, memo):
@@ -299,6 +332,14 @@ class KVPackCache(Cache):
         per_layer = f", layer_configs={self.layer_configs}" if self.layer_configs else ""
         return (f"KVPackCache(method_config={self.method_config}{per_layer}, layers={kinds}, "
                 f"tokens={self.get_seq_length()})")  # fmt: skip
+
+
+def _sliding_config(config: MethodConfig, layer_idx: int) -> MethodConfig:
+    """A sliding-window layer's config: sinks leave the window like any other token, so none are kept."""
+    if getattr(config, "sink_tokens", 0):
+        logger.info("layer %d slides: its first tokens leave the window, so it keeps no sink tokens", layer_idx)
+        return config.replace(sink_tokens=0)
+    return config
 
 
 def _head_dim(text_config) -> int | None:
@@ -380,11 +421,10 @@ _CACHE_KIND = "kvpack-cache-v1"
 
 def _layer_shape(text_config) -> dict:
     """What a saved cache must agree on with the model it is loaded into."""
-    return {
-        "num_layers": text_config.num_hidden_layers,
-        "num_kv_heads": getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
-        "head_dim": _head_dim(text_config),
-    }
+    heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    if getattr(text_config, "new_decoder_architecture", False):  # Falcon caches its kv heads broadcast to all
+        heads = text_config.num_attention_heads
+    return {"num_layers": text_config.num_hidden_layers, "num_kv_heads": heads, "head_dim": _head_dim(text_config)}
 
 
 def save_cache(cache: KVPackCache, path) -> None:
@@ -472,9 +512,14 @@ def load_cache(model, path, device: str | torch.device | None = None) -> KVPackC
             want = cache.config_of(i)
             if not isinstance(item, CompressedLayer) or item.config != want or item.layer_idx != i:
                 raise CacheFileError(f"{where}: expected a {want.method} store of layer {i} with {want}, got {item!r}")
+            if (item.sliding_window, item.drop_unit) != (layer.sliding_window, layer.store.drop_unit):
+                raise CacheFileError(
+                    f"{where}: saved with sliding_window={item.sliding_window}, drop_unit={item.drop_unit}; the "
+                    f"model's layer has sliding_window={layer.sliding_window}, drop_unit={layer.store.drop_unit}"
+                )
             batch, heads, dim = item.shape
             layer_dtype = item.dtype
-            batch_tokens.add((batch, item.num_tokens))
+            batch_tokens.add((batch, item.seq_length))
         elif type(layer) is DynamicLayer and i in cache.skip_layers:
             if not isinstance(item, tuple):
                 raise CacheFileError(f"{where}: a skipped (fp) layer must be saved as fp keys/values")
