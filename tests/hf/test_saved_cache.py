@@ -158,3 +158,34 @@ def test_forged_per_layer_configs_in_the_header_are_refused_or_change_nothing(tm
             continue
         got, _ = _greedy(tiny_llama, loaded, first, 3)
         assert torch.equal(got, want), path
+
+
+def test_tensor_parallel_shards_in_a_single_process_are_refused(tmp_path, tiny_llama):
+    """A cache whose layers hold half the kv heads (a TP rank's) is not saved without a process group, and a
+    file marked as one rank's shard (or with a malformed shard) is refused in a single process, saying why."""
+    import json
+
+    from forgery_cases import read_file, write_forged
+
+    cache = kvpack.make_cache(tiny_llama, kvpack.KIVIConfig(group_size=8, residual_length=16))
+    shard = torch.randn(1, 1, 20, 16)  # 1 of the model's 2 kv heads
+    for i in range(len(cache.layers)):
+        cache.update(shard, shard, i)
+    with pytest.raises(ValueError, match="hold 1 of the model's 2 kv heads, but no torch.distributed"):
+        kvpack.save_cache(cache, tmp_path / "shard.kvpack")
+    whole = kvpack.make_cache(tiny_llama, kvpack.KIVIConfig(group_size=8, residual_length=16))
+    prompt = torch.randint(2, 128, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole, _ = runtime.forward(tiny_llama, prompt, whole, logits_to_keep=1)
+    kvpack.save_cache(whole, tmp_path / "c.kvpack")
+    assert "tp" not in json.loads(read_file(tmp_path / "c.kvpack")[1]["extra"])  # single-process files unchanged
+    tensors, metadata = read_file(tmp_path / "c.kvpack")
+    extra = json.loads(metadata["extra"])
+    for tp, message in [({"size": 2, "rank": 1}, "saved by rank 1 of a tensor-parallel model of size 2"),
+                        ({"size": 2, "rank": 2}, "invalid tensor-parallel shard"),
+                        ({"size": 3, "rank": 0}, "invalid tensor-parallel shard"),  # 3 does not divide 2 heads
+                        ({"size": True, "rank": 0}, "invalid tensor-parallel shard"),
+                        ([2, 0], "invalid tensor-parallel shard")]:  # fmt: skip
+        write_forged(tmp_path / "f.kvpack", tensors, {**metadata, "extra": json.dumps({**extra, "tp": tp})})
+        with pytest.raises(kvpack.CacheFileError, match=message):
+            kvpack.load_cache(tiny_llama, tmp_path / "f.kvpack")

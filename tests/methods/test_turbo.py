@@ -116,3 +116,20 @@ def test_head_dims_whose_codes_do_not_fill_whole_bytes_are_refused_at_the_first_
     assert layer.num_tokens == 0
     layer.append(torch.randn(1, 1, 3, 16), torch.randn(1, 1, 3, 16))  # 16 channels at 1 bit: two bytes
     assert layer.num_tokens == 3
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_norm_correction_keeps_each_tokens_norm_and_the_least_squares_fit_minimizes_the_error(bits):
+    """norm_correction: the reconstruction has the token's norm (to the fp16 scale's rounding); the default
+    least-squares scale has a smaller norm (shrinkage) and a smaller squared error, with the same codes."""
+    x = torch.randn(500, 64, generator=torch.Generator().manual_seed(0)) * 3
+    rotation = random_rotation(64, 0, 0)
+    fit, nc = (_Codec(bits, rotation, torch.float16, norm_correction=flag) for flag in (False, True))
+    (codes_fit, scale_fit), (codes_nc, scale_nc) = fit.encode(x), nc.encode(x)
+    assert torch.equal(codes_fit, codes_nc)
+    x_fit, x_nc = fit.decode(codes_fit, scale_fit), nc.decode(codes_nc, scale_nc)
+    torch.testing.assert_close(x_nc.norm(dim=-1), x.norm(dim=-1), rtol=2e-3, atol=0)
+    assert (x_fit.norm(dim=-1) < x.norm(dim=-1)).all()
+    assert (x_fit - x).square().sum() < (x_nc - x).square().sum()
+    with pytest.raises(ValueError, match="norm_correction must be one of"):
+        kvpack.TurboConfig(norm_correction=True)

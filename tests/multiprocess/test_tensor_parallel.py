@@ -25,6 +25,8 @@ transformers = pytest.importorskip("transformers")
 
 import tp_worker  # noqa: E402  (tests/multiprocess/, next to this file)
 
+from kvpack.hf import make_cache, save_cache  # noqa: E402
+
 WORLD_SIZE = 2
 #: 4 kv heads of head_dim 32: each rank holds 2 whole heads (one key group of G = 32 channels each).
 TP_LLAMA = dict(
@@ -92,6 +94,9 @@ def tp_results(tmp_path_factory):
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(root / "model")
     spec = _spec(root / "model")
+    spec["single_cache"] = str(root / "single.kvpack")  # a single process's saved cache, for the ranks to refuse
+    save_cache(tp_worker.prefill(model, spec, make_cache(model, "kv3", residual_length=32, group_size=32)),
+               spec["single_cache"])  # fmt: skip
     torch.save(spec, root / "spec.pt")
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}",
@@ -172,3 +177,15 @@ def test_tp_rank_stores_are_the_single_process_heads(tp_results, name):
                     assert torch.equal(tensor, expected["tensors"][key][:, heads]), f"{where}: {key} differs"
             for part in ("keys", "values"):
                 torch.testing.assert_close(got[part], expected[part][:, heads], atol=1e-2, rtol=0, msg=where)
+
+
+def test_each_rank_saves_and_loads_its_own_cache(tp_results):
+    """Prompt caching under TP: a rank's saved cache holds its kv heads and continues generation exactly as the
+    original; the other rank's file and a single process's file (all heads) are refused, saying why."""
+    _, ranks = tp_results
+    for rank, data in enumerate(ranks):
+        saved = data["saved"]
+        assert saved["same"], f"rank {rank}: the loaded cache continued differently"
+        other, single = saved["refused"]["other rank"], saved["refused"]["single"]
+        assert other and f"saved by rank {(rank + 1) % WORLD_SIZE} of {WORLD_SIZE}" in other, other
+        assert single and "saved by a single process" in single and f"rank {rank} of {WORLD_SIZE}" in single, single

@@ -61,6 +61,46 @@ def generation_record(out, cache) -> dict:
     return {"sequences": out.sequences, "last_logits": out.logits[-1].float(), "stores": stores}
 
 
+def prefill(model, spec, cache):
+    """Run the prompt through ``cache`` (one forward) and return it."""
+    from kvpack.hf.runtime import CACHE_KWARG
+
+    with torch.no_grad():
+        model(input_ids=spec["input_ids"], attention_mask=spec["attention_mask"], **{CACHE_KWARG: cache})
+    return cache
+
+
+def continue_from(model, spec, cache) -> torch.Tensor:
+    """Greedy tokens after a prefilled ``cache`` (prompt + one more token, as a caller of a saved cache does)."""
+    ids = torch.cat([spec["input_ids"], spec["input_ids"][:, -1:]], dim=1)
+    mask = torch.cat([spec["attention_mask"], spec["attention_mask"][:, -1:]], dim=1)
+    with torch.no_grad():
+        return generate(model, cache, input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+
+
+def saved_cache_checks(model, spec, out_dir: str, rank: int, world: int, dist) -> dict:
+    """Per rank: its own saved cache continues as the original; another rank's file and a single process's
+    file are refused (the messages)."""
+    import copy
+
+    from kvpack import CacheFileError
+    from kvpack.hf import load_cache, save_cache
+
+    cache = prefill(model, spec, make_cache(model, "kv3", residual_length=32, group_size=32))
+    save_cache(cache, f"{out_dir}/cache{rank}.kvpack")
+    want = continue_from(model, spec, copy.deepcopy(cache))
+    got = continue_from(model, spec, load_cache(model, f"{out_dir}/cache{rank}.kvpack"))
+    dist.barrier()  # every rank's file is written
+    refused = {}
+    for what, path in (("other rank", f"{out_dir}/cache{(rank + 1) % world}.kvpack"), ("single", spec["single_cache"])):
+        try:
+            load_cache(model, path)
+            refused[what] = None
+        except CacheFileError as error:
+            refused[what] = str(error)
+    return {"same": bool(torch.equal(got, want)), "refused": refused}
+
+
 def main(spec_path: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
@@ -85,7 +125,8 @@ def main(spec_path: str, out_dir: str) -> None:
     for name, method, overrides, fused in spec["runs"]:
         out, cache = run_generation(model, spec, method, overrides, fused)
         records[name] = generation_record(out, cache)
-    torch.save({"sharding": sharding, "records": records}, f"{out_dir}/rank{rank}.pt")
+    saved = saved_cache_checks(model, spec, out_dir, rank, world, dist)
+    torch.save({"sharding": sharding, "records": records, "saved": saved}, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -164,7 +164,11 @@ def run(args) -> int:
     for name in ("temperature", "top_p", "top_k"):
         if getattr(args, name) is not None:
             sampling[name] = getattr(args, name)
-    streamer = runtime.text_streamer(tokenizer)
+    # Under torchrun (tensor parallelism), rank 0 alone prints.
+    rank = (
+        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    )
+    streamer = None if rank else runtime.text_streamer(tokenizer)
     start = time.perf_counter()
     with torch.no_grad():
         output = runtime.generate(
@@ -177,6 +181,8 @@ def run(args) -> int:
             **sampling,
         )
     seconds = time.perf_counter() - start
+    if rank:
+        return 0  # tensor parallel: rank 0 reports (every rank generated the same tokens)
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
     path = "fused" if args.fused else "compat"
     speed = f"{new_tokens} new tokens in {seconds:.1f} s, {new_tokens / seconds:.1f} tok/s"

@@ -461,6 +461,9 @@ def save_cache(cache: KVPackCache, path) -> None:
         "skip_layers": skip,
         "model": _layer_shape(cache._text_config),
     }
+    shard = _saved_shard(slots, extra["model"]["num_kv_heads"])
+    if shard is not None:  # (absent otherwise: files of single-process caches unchanged)
+        extra["tp"] = shard
     if cache.layer_configs:  # (absent otherwise: files of caches without per-layer configs unchanged)
         extra["layer_configs"] = {str(i): c.to_dict() for i, c in cache.layer_configs.items()}
     save_layers(path, slots, extra=extra)
@@ -487,11 +490,12 @@ def load_cache(model, path, device: str | torch.device | None = None) -> KVPackC
     extra = read_extra(path)
     if extra.get("kind") != _CACHE_KIND:
         raise CacheFileError(f"{path} is a kvpack layer file but not a saved cache (use kvpack.io.load_layers)")
-    if set(extra) - {"layer_configs"} != {"kind", "method_config", "skip_layers", "model"}:
+    if set(extra) - {"layer_configs", "tp"} != {"kind", "method_config", "skip_layers", "model"}:
         raise CacheFileError(f"{path}: the cache header has fields {sorted(extra)}")
     shape = _layer_shape(text_config)
     if extra["model"] != shape:
         raise CacheFileError(f"{path} was saved for a model with {extra['model']}, this one has {shape}")
+    local_heads = _check_shard(path, extra.get("tp"), _model_shard(model), shape["num_kv_heads"])
     try:
         method_config = _config(extra["method_config"])
         layer_configs = _layer_configs(extra.get("layer_configs", {}))
@@ -530,8 +534,11 @@ def load_cache(model, path, device: str | torch.device | None = None) -> KVPackC
             raise CacheFileError(
                 f"{where}: the model's layer is a {type(layer).__name__}, which saved caches do not hold"
             )
-        if (heads, dim) != (shape["num_kv_heads"], shape["head_dim"] or dim):
-            raise CacheFileError(f"{where}: {heads} kv heads of head_dim {dim}, the model has {shape}")
+        if (heads, dim) != (local_heads, shape["head_dim"] or dim):
+            raise CacheFileError(
+                f"{where}: {heads} kv heads of head_dim {dim}, the model has {shape}"
+                + (f" ({local_heads} kv heads per rank)" if local_heads != shape["num_kv_heads"] else "")
+            )
         if dtype is not None and layer_dtype != dtype:
             raise CacheFileError(f"{where} holds {layer_dtype} tensors but the model runs in {dtype}; load it into a "
                                  f"{layer_dtype} model")  # fmt: skip
@@ -543,6 +550,54 @@ def load_cache(model, path, device: str | torch.device | None = None) -> KVPackC
         else:
             layer.adopt(item, device)
     return cache
+
+
+def _saved_shard(slots, num_kv_heads: int) -> dict | None:
+    """``{"size": N, "rank": r}`` when the layers hold 1/N of the model's kv heads (a tensor-parallel rank's
+    cache), else None."""
+    held = {(slot.shape[1] if isinstance(slot, CompressedLayer) else slot[0].shape[1]) for slot in slots}
+    if held == {num_kv_heads}:
+        return None
+    if len(held) != 1 or num_kv_heads % next(iter(held)):
+        raise ValueError(f"the layers hold {sorted(held)} kv heads; the model has {num_kv_heads}")
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError(f"the layers hold {next(iter(held))} of the model's {num_kv_heads} kv heads, but no "
+                         "torch.distributed process group is initialized (a tensor-parallel rank saves its own)")  # fmt: skip
+    return {"size": num_kv_heads // next(iter(held)), "rank": torch.distributed.get_rank()}
+
+
+def _model_shard(model) -> dict | None:
+    """``{"size": N, "rank": r}`` for a model sharded by transformers' tensor parallelism, else None."""
+    size = getattr(model, "tp_size", None)
+    if not isinstance(size, int) or size <= 1:
+        return None
+    return {"size": size, "rank": torch.distributed.get_rank()}
+
+
+def _check_shard(path, saved, model_shard, num_kv_heads: int) -> int:
+    """The kv heads each layer of the file must hold, after checking that the file was saved by this process's
+    place in the tensor-parallel layout (or by a single process, for a single process)."""
+    if saved is not None and (not isinstance(saved, dict) or set(saved) != {"size", "rank"}
+                              or not all(_is_index(v) for v in saved.values()) or saved["size"] < 2
+                              or saved["rank"] >= saved["size"] or num_kv_heads % saved["size"]):  # fmt: skip
+        raise CacheFileError(f"{path}: invalid tensor-parallel shard {saved!r} in the cache header")
+    if saved == model_shard:
+        return num_kv_heads if saved is None else num_kv_heads // saved["size"]
+    if saved is None:
+        raise CacheFileError(
+            f"{path} was saved by a single process (all {num_kv_heads} kv heads); this model is tensor-parallel "
+            f"(rank {model_shard['rank']} of {model_shard['size']}): load it in one process, or let each rank "
+            "save and load its own file"
+        )
+    if model_shard is None:
+        raise CacheFileError(f"{path} was saved by rank {saved['rank']} of a tensor-parallel model of size "
+                             f"{saved['size']} (its kv heads only); load it on that rank")  # fmt: skip
+    raise CacheFileError(f"{path} was saved by rank {saved['rank']} of {saved['size']}; this process is rank "
+                         f"{model_shard['rank']} of {model_shard['size']}: each rank loads the file it saved")  # fmt: skip
+
+
+def _is_index(x) -> bool:
+    return type(x) is int and x >= 0
 
 
 def _config(data) -> MethodConfig:

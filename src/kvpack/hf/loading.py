@@ -272,11 +272,32 @@ def _resolve(name_or_path: str | os.PathLike | None, cache_dir) -> tuple[str, Pa
     )
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun launched this one among (its ``WORLD_SIZE``), 1 outside torchrun."""
+    value = os.environ.get("WORLD_SIZE", "1") if "LOCAL_RANK" in os.environ else "1"
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def check_tensor_parallel(config, tp_size: int) -> None:
+    """Raise ``ValueError`` unless ``tp_size`` processes can each hold whole query and kv heads of ``config``
+    (transformers loads uneven shards without a word and fails at the first forward)."""
+    text = config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % tp_size or kv_heads % tp_size:
+        fits = [n for n in range(1, kv_heads + 1) if kv_heads % n == 0 and heads % n == 0]
+        raise ValueError(
+            f"tensor parallelism over {tp_size} processes needs them to divide the model's {heads} query and "
+            f"{kv_heads} kv heads; this model runs on {fits} processes (torchrun --nproc-per-node N)"
+        )
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
+    tp_size: int | None = None,
 ):
     """Load a causal LM and its tokenizer from local files only.
 
@@ -289,6 +310,9 @@ def load_model(
             exact for float32 and a plain cast otherwise).
         device: Where to put the model.
         cache_dir: The kvpack cache for the default model; ``$KVPACK_CACHE`` or ``~/.cache/kvpack``.
+        tp_size: processes of transformers' tensor parallelism (``DistributedConfig(tp_plan="auto")``; the
+            processes come from torchrun); None: torchrun's ``WORLD_SIZE`` when launched by it, else 1.
+            Checked against the model's heads before any weight is read.
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode in ``dtype`` on ``device``; the tokenizer
@@ -298,7 +322,8 @@ def load_model(
 
     Raises:
         FileNotFoundError: ``name_or_path`` is not a local path (e.g. a hub id): kvpack is offline-only.
-        ValueError: ``dtype`` is not a floating torch dtype, or the path is no model.
+        ValueError: ``dtype`` is not a floating torch dtype, the path is no model, or ``tp_size`` processes
+            do not divide the model's heads.
         ImportError: A needed package is missing (the message gives the install command).
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -309,12 +334,28 @@ def load_model(
         model, tokenizer = _load_gguf(path)
     else:
         transformers = _import_transformers()
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tp_size = launched_world_size() if tp_size is None else tp_size
+        sharding = {}
+        if tp_size != 1:
+            if type(tp_size) is not int or tp_size < 1:
+                raise ValueError(f"tp_size must be a positive integer or None, got {tp_size!r}")
+            check_tensor_parallel(transformers.AutoConfig.from_pretrained(path, local_files_only=True), tp_size)
+            from transformers.distributed import DistributedConfig
+
+            sharding = {"distributed_config": DistributedConfig(tp_plan="auto")}
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                                  **sharding)  # fmt: skip
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if sharding:  # the ranks' shards sit where transformers' device mesh put them
+            return model.eval(), _with_pad_token(tokenizer)
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, _with_pad_token(tokenizer)
+
+
+def _with_pad_token(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model.to(device=device, dtype=dtype).eval()
-    return model, tokenizer
+    return tokenizer
 
 
 def random_llama(shape: dict, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):

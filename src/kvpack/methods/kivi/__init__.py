@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from ...config import (
+    KEY_CENTERING,
     RESIDUAL_DTYPES,
     SCALE_DTYPES,
     MethodConfig,
@@ -51,6 +52,10 @@ class KIVIConfig(MethodConfig):
         residual_dtype: "model" (default) holds the fp residual, window and sinks in the model's dtype;
             "float16" or "bfloat16" holds those of a float32 model in 16 bits (half the bytes of the part
             that is never quantized, which is all of a short chat; 16-bit models are unaffected).
+        key_centering: "off" (default, the paper's method); "on" subtracts from every key of a head the mean
+            key of the layer's first append (its tokens after the sinks; at least 16), which softmax does not
+            see (q.(k - mu) = q.k - q.mu for every key of a query), so only the quantizer does; "auto" only
+            for the heads whose mean dwarfs the keys' spread (huge k_proj biases, as in Qwen2.5).
 
     Deviations from the paper's code: scales are stored in ``scale_dtype`` and codes are computed from the
     rounded scale, so a kernel reading the store reconstructs exactly the reference; 8 bits is allowed.
@@ -65,6 +70,7 @@ class KIVIConfig(MethodConfig):
     check_finite: bool = True
     sink_tokens: int = 0
     residual_dtype: str = "model"
+    key_centering: str = "off"
 
     channel_packed_bits = ("value_bits",)
 
@@ -82,6 +88,7 @@ class KIVIConfig(MethodConfig):
         check_bool("check_finite", self.check_finite)
         check_sinks(self.sink_tokens)
         check_choice("residual_dtype", self.residual_dtype, RESIDUAL_DTYPES)
+        check_choice("key_centering", self.key_centering, KEY_CENTERING)
 
     @property
     def torch_scale_dtype(self) -> torch.dtype | None:

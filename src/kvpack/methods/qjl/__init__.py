@@ -15,6 +15,7 @@ import struct
 import torch
 
 from ...config import (
+    KEY_CENTERING,
     RESIDUAL_DTYPES,
     SCALE_DTYPES,
     MethodConfig,
@@ -71,6 +72,10 @@ class QJLConfig(MethodConfig):
         residual_dtype: "model" (default) holds the fp residual, window and sinks in the model's dtype;
             "float16" or "bfloat16" holds those of a float32 model in 16 bits (half the bytes of the part
             that is never quantized, which is all of a short chat; 16-bit models are unaffected).
+        key_centering: "off" (default, the paper's method); "on" subtracts from every key of a head the mean
+            key of the layer's first append (its tokens after the sinks; at least 16), which softmax does not
+            see (q.(k - mu) = q.k - q.mu for every key of a query), so only the quantizer does; "auto" only
+            for the heads whose mean dwarfs the keys' spread (huge k_proj biases, as in Qwen2.5).
 
     Storage per key, head_dim d (see :func:`qjl_key_bits`): ``m + 16`` bits, plus ``m_o + 16`` when k > 0,
     plus ``8 k / G`` for the group's outlier indices (16 k / G when d > 256). The defaults (m = 256,
@@ -99,6 +104,7 @@ class QJLConfig(MethodConfig):
     check_finite: bool = True
     sink_tokens: int = 0
     residual_dtype: str = "model"
+    key_centering: str = "off"
 
     channel_packed_bits = ("value_bits",)
 
@@ -125,6 +131,7 @@ class QJLConfig(MethodConfig):
         check_bool("check_finite", self.check_finite)
         check_sinks(self.sink_tokens)
         check_choice("residual_dtype", self.residual_dtype, RESIDUAL_DTYPES)
+        check_choice("key_centering", self.key_centering, KEY_CENTERING)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.scale_dtype is not None:

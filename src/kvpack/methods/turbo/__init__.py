@@ -34,6 +34,7 @@ import math
 import torch
 
 from ...config import (
+    KEY_CENTERING,
     RESIDUAL_DTYPES,
     SCALE_DTYPES,
     MethodConfig,
@@ -103,6 +104,13 @@ class TurboConfig(MethodConfig):
         residual_dtype: "model" (default) holds the fp residual, window and sinks in the model's dtype;
             "float16" or "bfloat16" holds those of a float32 model in 16 bits (half the bytes of the part
             that is never quantized, which is all of a short chat; 16-bit models are unaffected).
+        key_centering: "off" (default, the paper's method); "on" subtracts from every key of a head the mean
+            key of the layer's first append (its tokens after the sinks; at least 16), which softmax does not
+            see (q.(k - mu) = q.k - q.mu for every key of a query), so only the quantizer does; "auto" only
+            for the heads whose mean dwarfs the keys' spread (huge k_proj biases, as in Qwen2.5).
+        norm_correction: which side's tokens ("off", "keys", "values", "both") scale their codeword to the
+            vector's own norm instead of the least-squares fit (vLLM's "NC"; the fit shrinks every vector a
+            little, which flattens softmax; measured in docs/RESULTS.md, "Ablation"). "off" by default.
 
     Bits per element: ``bits + 16 / head_dim`` for the quantized part (2.25 at 2 bits, head_dim 64).
     ``head_dim * bits`` must be a multiple of 8 for both widths (codes are packed along the channels), and
@@ -119,6 +127,8 @@ class TurboConfig(MethodConfig):
     check_finite: bool = True
     sink_tokens: int = 0
     residual_dtype: str = "model"
+    key_centering: str = "off"
+    norm_correction: str = "off"
 
     channel_packed_bits = ("key_bits", "value_bits")
 
@@ -132,7 +142,12 @@ class TurboConfig(MethodConfig):
         check_bool("check_finite", self.check_finite)
         check_sinks(self.sink_tokens)
         check_choice("residual_dtype", self.residual_dtype, RESIDUAL_DTYPES)
+        check_choice("key_centering", self.key_centering, KEY_CENTERING)
+        check_choice("norm_correction", self.norm_correction, NORM_CORRECTION)
 
+
+#: What ``norm_correction`` may be.
+NORM_CORRECTION = ("off", "keys", "values", "both")
 
 #: Inputs of at most this many coordinates (a decode step's tokens) find their cells in one broadcast compare.
 _BROADCAST_NEAREST = 4096
@@ -141,8 +156,9 @@ _BROADCAST_NEAREST = 4096
 class _Codec:
     """Per-token rotated codebook quantization shared by the key and value formats."""
 
-    def __init__(self, bits: int, rotation: torch.Tensor, scale_dtype: torch.dtype):
+    def __init__(self, bits: int, rotation: torch.Tensor, scale_dtype: torch.dtype, norm_correction: bool = False):
         self.bits = bits
+        self.norm_correction = norm_correction
         self.rotation = rotation  # (D, D) float32, rows are the rotated basis
         self.scale_dtype = scale_dtype
         self.dim = rotation.shape[0]
@@ -164,7 +180,10 @@ class _Codec:
         unit = rotated / torch.where(norm > 0, norm, torch.ones_like(norm))
         codes = self._nearest(unit)
         codewords = self.codebook[codes.long()]
-        scale = (rotated * codewords).sum(-1) / codewords.pow(2).sum(-1)  # least-squares fit
+        if self.norm_correction:  # the reconstruction keeps the vector's norm
+            scale = norm.squeeze(-1) / codewords.norm(dim=-1)
+        else:
+            scale = (rotated * codewords).sum(-1) / codewords.pow(2).sum(-1)  # least-squares fit
         scale = scale.to(self.scale_dtype)
         if not torch.isfinite(scale).all():
             raise ValueError(f"a per-token scale overflows {self.scale_dtype}; use scale_dtype='float32'")
@@ -201,19 +220,22 @@ class _Rotated(Format):
 
     nonnegative = ("scale",)
 
-    def __init__(self, bits: int, seed: int, layer_idx: int, scale_dtype: torch.dtype):
+    def __init__(self, bits: int, seed: int, layer_idx: int, scale_dtype: torch.dtype, norm_correction: bool = False):
         self.bits, self.seed, self.layer_idx, self.scale_dtype = bits, seed, layer_idx, scale_dtype
+        self.norm_correction = norm_correction
         self.codec: _Codec | None = None
 
     def build(self, head_dim: int) -> None:
-        self.codec = _Codec(self.bits, random_rotation(head_dim, self.seed, self.layer_idx), self.scale_dtype)
+        rotation = random_rotation(head_dim, self.seed, self.layer_idx)
+        self.codec = _Codec(self.bits, rotation, self.scale_dtype, self.norm_correction)
 
 
 class TurboKeyFormat(_Rotated):
     """Keys per token: ``codes`` (B, H, N, G, D * bits / 8) uint8, ``scale`` (B, H, N, G)."""
 
-    def __init__(self, bits: int, seed: int, layer_idx: int, scale_dtype: torch.dtype, group_size: int):
-        super().__init__(bits, seed, layer_idx, scale_dtype)
+    def __init__(self, bits: int, seed: int, layer_idx: int, scale_dtype: torch.dtype, group_size: int,
+                 norm_correction: bool = False):  # fmt: skip
+        super().__init__(bits, seed, layer_idx, scale_dtype, norm_correction)
         self.unit = group_size
 
     def quantize(self, keys):
@@ -273,8 +295,12 @@ class TurboLayer(CompressedLayer):
         config = self.config
         scale_dtype = SCALE_DTYPES[config.scale_dtype]
         # keys and values get independent rotations (the value rotation uses the next seed)
-        keys = TurboKeyFormat(config.key_bits, config.seed, self.layer_idx, scale_dtype, config.group_size)
-        return keys, TurboValueFormat(config.value_bits, config.seed + 1, self.layer_idx, scale_dtype)
+        nc = config.norm_correction
+        keys = TurboKeyFormat(config.key_bits, config.seed, self.layer_idx, scale_dtype, config.group_size,
+                              nc in ("keys", "both"))  # fmt: skip
+        values = TurboValueFormat(config.value_bits, config.seed + 1, self.layer_idx, scale_dtype,
+                                  nc in ("values", "both"))  # fmt: skip
+        return keys, values
 
     def _decode_args(self, query, mask, scale):
         n_keys, k, key_fp = self._rows(self.keys)
