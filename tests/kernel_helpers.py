@@ -100,3 +100,14 @@ def decode_layer(config, batch, tokens, dtype=torch.float32, steps=3, seed=0, di
     for _ in range(steps):
         layer.append(*(torch.randn(batch, 3, 1, dim, generator=gen).to(device, dtype) for _ in range(2)))
     return layer
+
+
+def filled_layer(config, keys, values, prompt=70):
+    """A layer fed ``prompt`` tokens at once, then the rest of ``keys``/``values`` one by one (decode steps)."""
+    from kvpack import make_layer
+
+    layer = make_layer(config)
+    layer.append(keys[:, :, :prompt], values[:, :, :prompt])
+    for t in range(prompt, keys.shape[2]):
+        layer.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+    return layer

@@ -13,7 +13,7 @@ import torch
 
 from kvpack import CacheFileError, KIVIConfig, QJLConfig, TurboConfig, kernels, make_layer
 
-from kernel_helpers import assert_close_to_exact, exact_attention
+from kernel_helpers import assert_close_to_exact, exact_attention, filled_layer
 
 CONFIGS = [
     KIVIConfig(residual_length=32, sink_tokens=4),
@@ -29,14 +29,6 @@ def _tokens(n=100, seed=0, dtype=torch.float32):
     return [(torch.randn(2, 3, n, 64, generator=gen) * 3).to(dtype) for _ in range(2)]
 
 
-def _filled(config, keys, values, prompt=70):
-    layer = make_layer(config)
-    layer.append(keys[:, :, :prompt], values[:, :, :prompt])
-    for t in range(prompt, keys.shape[2]):
-        layer.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
-    return layer
-
-
 def _fp_elements(layer) -> int:
     """Elements held in fp: residual, window, sinks."""
     n = layer.keys.fp.length + layer.values.fp.length + 2 * layer.num_sinks
@@ -48,9 +40,9 @@ def _fp_elements(layer) -> int:
 @pytest.mark.parametrize("half", HALF)
 def test_a_16_bit_residual_holds_what_a_layer_fed_rounded_tokens_holds(config, half):
     keys, values = _tokens()
-    layer = _filled(config.replace(residual_dtype=half), keys, values)
+    layer = filled_layer(config.replace(residual_dtype=half), keys, values)
     dtype = getattr(torch, half)
-    rounded = _filled(config, *(x.to(dtype).float() for x in (keys, values)))
+    rounded = filled_layer(config, *(x.to(dtype).float() for x in (keys, values)))
     assert layer.dtype == torch.float32 and layer.fp_dtype == dtype
     assert layer.keys.fp.data.dtype == layer.values.fp.data.dtype == dtype
     for got, want in zip(layer.dequantize(), rounded.dequantize()):
@@ -65,7 +57,7 @@ def test_attention_over_a_16_bit_residual_is_exact_attention_over_what_it_holds(
     """Fused (C++) and reference decode, materialized SDPA (3 queries), with a mask: within 2x the
     reference's error of float64 attention over the float32 reconstruction."""
     keys, values = _tokens()
-    layer = _filled(config.replace(residual_dtype="float16"), keys, values)
+    layer = filled_layer(config.replace(residual_dtype="float16"), keys, values)
     total = layer.num_tokens
     query = torch.randn(2, 9, queries, 64, generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 1, queries, total, dtype=torch.bool).tril(total - queries)
@@ -83,8 +75,8 @@ def test_attention_over_a_16_bit_residual_is_exact_attention_over_what_it_holds(
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_16_bit_models_keep_their_own_dtype(config):
     keys, values = _tokens(dtype=torch.bfloat16)
-    layer = _filled(config.replace(residual_dtype="float16"), keys, values)
-    plain = _filled(config, keys, values)
+    layer = filled_layer(config.replace(residual_dtype="float16"), keys, values)
+    plain = filled_layer(config, keys, values)
     assert layer.fp_dtype == torch.bfloat16 and layer.keys.fp.data.dtype == torch.bfloat16
     for got, want in zip(layer.dequantize(), plain.dequantize()):
         assert torch.equal(got, want)
@@ -95,7 +87,7 @@ def test_16_bit_models_keep_their_own_dtype(config):
 def test_save_load_and_crop_keep_the_16_bit_parts(config):
     keys, values = _tokens()
     config = config.replace(residual_dtype="float16")
-    layer = _filled(config, keys, values)
+    layer = filled_layer(config, keys, values)
     tensors, metadata = layer.state_dict()
     assert metadata["dtype"] == "float32"
     assert tensors["keys.residual"].dtype == tensors["sinks.values"].dtype == torch.float16
@@ -119,7 +111,7 @@ def test_save_load_and_crop_keep_the_16_bit_parts(config):
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_values_past_float16_range_are_refused_and_nothing_is_stored(config):
     keys, values = _tokens()
-    layer = _filled(config.replace(residual_dtype="float16"), keys, values)
+    layer = filled_layer(config.replace(residual_dtype="float16"), keys, values)
     before = [x.clone() for x in layer.dequantize()]
     for n in (1, 40):  # the fast one-token append and the torch path (a flush)
         big = keys[:, :, :n].clone()

@@ -9,7 +9,7 @@ import torch
 
 from kvpack import CacheFileError, KIVIConfig, QJLConfig, TurboConfig, kernels, make_layer
 
-from kernel_helpers import assert_close_to_exact, exact_attention
+from kernel_helpers import assert_close_to_exact, exact_attention, filled_layer
 
 CONFIGS = [KIVIConfig(residual_length=32), QJLConfig(residual_length=32), TurboConfig(key_bits=4, residual_length=32)]
 IDS = ("kivi", "qjl", "turbo")
@@ -20,20 +20,11 @@ def _tokens(batch=2, n=100, seed=0, dtype=torch.float32):
     return [torch.randn(batch, 3, n, 64, generator=gen).to(dtype) for _ in range(2)]
 
 
-def _filled(config, keys, values, prompt=70):
-    """A layer fed ``prompt`` tokens at once, then the rest one by one (decode steps)."""
-    layer = make_layer(config)
-    layer.append(keys[:, :, :prompt], values[:, :, :prompt])
-    for t in range(prompt, keys.shape[2]):
-        layer.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
-    return layer
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_sinks_are_exact_and_the_stores_hold_what_a_sinkless_layer_holds(config):
     keys, values = _tokens()
-    layer = _filled(config.replace(sink_tokens=4), keys, values)
-    plain = _filled(config, keys[:, :, 4:], values[:, :, 4:], prompt=66)
+    layer = filled_layer(config.replace(sink_tokens=4), keys, values)
+    plain = filled_layer(config, keys[:, :, 4:], values[:, :, 4:], prompt=66)
     assert layer.num_tokens == 100 and layer.num_sinks == 4
     k_hat, v_hat = layer.dequantize()
     assert torch.equal(k_hat[:, :, :4], keys[:, :, :4]) and torch.equal(v_hat[:, :, :4], values[:, :, :4])
@@ -49,7 +40,7 @@ def test_attention_with_sinks_matches_exact_attention_on_every_path(config, quer
     """Fused (C++), reference and (3 queries: the causal tail) with a left-padding mask: within 2x the
     reference's error of float64 attention over what the step reads, sinks in front."""
     keys, values = _tokens()
-    layer = _filled(config.replace(sink_tokens=4), keys, values)
+    layer = filled_layer(config.replace(sink_tokens=4), keys, values)
     total = layer.num_tokens
     query = torch.randn(2, 9, queries, 64, generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 1, queries, total, dtype=torch.bool).tril(total - queries)
@@ -80,7 +71,7 @@ def test_a_prompt_shorter_than_the_sinks_fills_them_over_several_appends():
 def test_crop_batch_edits_and_saved_states_keep_the_sinks():
     keys, values = _tokens()
     config = TurboConfig(key_bits=4, residual_length=32, sink_tokens=4)
-    layer = _filled(config, keys, values)
+    layer = filled_layer(config, keys, values)
     tensors, metadata = layer.state_dict()
     loaded = make_layer(config)
     loaded.load_state_dict(tensors, metadata)
@@ -114,7 +105,7 @@ def test_crop_batch_edits_and_saved_states_keep_the_sinks():
 def test_forged_sinks_are_refused(forge, match):
     keys, values = _tokens()
     config = KIVIConfig(residual_length=32, sink_tokens=4)
-    tensors, metadata = _filled(config, keys, values).state_dict()
+    tensors, metadata = filled_layer(config, keys, values).state_dict()
     tensors = {name: t.clone() for name, t in tensors.items()}
     forge(tensors, metadata)
     with pytest.raises(CacheFileError, match=match):

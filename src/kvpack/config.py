@@ -9,7 +9,7 @@ import torch
 
 __all__ = [
     "KEY_CENTERING", "MethodConfig", "RESIDUAL_DTYPES", "SCALE_DTYPES", "check_bool", "check_choice", "check_positive_int",
-    "check_residual", "check_sinks",
+    "check_recipe_fields", "check_residual", "check_sinks",
 ]  # fmt: skip
 
 #: Storage dtypes for quantization scales and zeros, by name.
@@ -54,6 +54,14 @@ def check_sinks(value: Any) -> None:
     """``sink_tokens`` is an integer in [0, MAX_SINK_TOKENS]."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SINK_TOKENS:
         raise ValueError(f"sink_tokens must be an integer in [0, {MAX_SINK_TOKENS}], got {value!r}")
+
+
+def check_recipe_fields(config) -> None:
+    """Validate the fields every method config shares beyond its paper: ``sink_tokens``, ``residual_dtype`` and
+    ``key_centering``."""
+    check_sinks(config.sink_tokens)
+    check_choice("residual_dtype", config.residual_dtype, RESIDUAL_DTYPES)
+    check_choice("key_centering", config.key_centering, KEY_CENTERING)
 
 
 #: What ``residual_dtype`` may be: "model" holds the fp parts (residual, window, sinks) in the model's dtype; a

@@ -28,6 +28,7 @@ import torch
 from .config import AUTO_CENTERING_RATIO, MIN_CENTERING_TOKENS, SCALE_DTYPES, MethodConfig
 from .errors import CacheFileError
 from .kernels import decode, tokens
+from .primitives import random_rotation
 
 __all__ = ["BlockFlush", "CompressedLayer", "Format", "GrowBuffer", "Store", "WindowFlush"]
 
@@ -38,6 +39,8 @@ _GROWTH = 1.5
 SDPA_MIN_QUERIES = 16
 #: Appends of at most this many tokens (decode steps) are checked and written by one C++ call.
 APPEND_FAST_TOKENS = 64
+#: Seed of the rotation of layers whose config sets ``rotate`` (layer i's depends on (seed, i, head_dim) only).
+ROTATION_SEED = 0x5EED
 
 
 class GrowBuffer:
@@ -486,6 +489,9 @@ class CompressedLayer:
         # key_centering: (1, H_kv, 1, D) float32 subtracted from every key before it is stored (zero rows for the
         # heads "auto" leaves alone), or None. Scores of a query then all move by q.mu, which softmax ignores.
         self._key_offset: torch.Tensor | None = None
+        # ``rotate`` (KIVI): a (D, D) orthogonal R; the stores hold k R^T and v R^T, the query is rotated before
+        # the decode op and its output rotated back after (q.k = (R q).(R k)), the readers rotate back.
+        self._rotation: torch.Tensor | None = None
 
     def _check_sliding(self, sliding_window, drop_unit) -> int | None:
         """Validate the sliding-window arguments; returns the drop unit (None for a full-attention layer)."""
@@ -555,6 +561,8 @@ class CompressedLayer:
         """Build head_dim-dependent state (each format's :meth:`Format.build`), before the first tokens."""
         self.keys.format.build(head_dim)
         self.values.format.build(head_dim)
+        if getattr(self.config, "rotate", False):
+            self._rotation = random_rotation(head_dim, ROTATION_SEED, self.layer_idx)
 
     # --- public API ---------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -576,6 +584,9 @@ class CompressedLayer:
         fp_dtype = self.config.fp_dtype(keys.dtype)
         if self._key_offset is not None:
             keys = (keys.float() - self._key_offset).to(fp_dtype)
+        if self._rotation is not None:
+            rotation = self._rotation_on(keys.device)
+            keys, values = ((x.float() @ rotation.T).to(fp_dtype) for x in (keys, values))
         if fp_dtype != keys.dtype:  # residual_dtype: a float32 model's fp parts held in 16 bits
             keys, values = keys.to(fp_dtype), values.to(fp_dtype)
         try:
@@ -781,9 +792,17 @@ class CompressedLayer:
             parts = [read().to(self._dtype)] if self.keys.num_tokens else []
             parts = [x.to(self._dtype) for x in self._with_sinks(parts, side)]
             out.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+        if self._rotation is not None:  # the stores hold rotated keys and values
+            rotation = self._rotation_on(out[0].device)
+            out = [(x.float() @ rotation).to(self._dtype) for x in out]
         if self._key_offset is not None:  # the stored keys are centered: these are the keys themselves
             out[0] = (out[0].float() + self._key_offset).to(self._dtype)
         return out[0], out[1]
+
+    def _rotation_on(self, device) -> torch.Tensor:
+        if self._rotation.device != device:
+            self._rotation = self._rotation.to(device)
+        return self._rotation
 
     def _check_query(self, query: torch.Tensor) -> None:
         """Raise unless ``query`` (B, H_q, T_q, D) fits the store: same batch and head_dim, H_q % H_kv == 0."""
@@ -810,9 +829,10 @@ class CompressedLayer:
         self._check_query(query)
         batch, heads_q, t_q, _ = query.shape
         grouped = self._group_query(query)
-        parts = [self.keys.scores(grouped)] if self.keys.num_tokens else []
+        stored = grouped if self._rotation is None else grouped @ self._rotation_on(grouped.device).T
+        parts = [self.keys.scores(stored)] if self.keys.num_tokens else []
         if self._sinks is not None:
-            parts.insert(0, grouped @ self._sinks[0].float().transpose(-1, -2))
+            parts.insert(0, stored @ self._sinks[0].float().transpose(-1, -2))
         scores = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         if self._key_offset is not None:  # q.k = q.(k - mu) + q.mu
             scores = scores + grouped @ self._key_offset.transpose(-1, -2)
@@ -848,7 +868,12 @@ class CompressedLayer:
         if t_q >= SDPA_MIN_QUERIES:
             return self._attend_materialized(query, scale, attention_mask)
         mask = self._sinks_last(self._grouped_mask(attention_mask, query, self.num_tokens))
-        out = self._decode(self._group_query(query), mask, scale)  # (B, H_kv, rep * T_q, D) float32
+        grouped = self._group_query(query)
+        if self._rotation is None:
+            out = self._decode(grouped, mask, scale)  # (B, H_kv, rep * T_q, D) float32
+        else:  # the stores hold rotated keys and values: rotate the query in, the output back
+            rotation = self._rotation_on(grouped.device)
+            out = self._decode((grouped @ rotation.T).contiguous(), mask, scale) @ rotation
         return out.reshape(batch, heads_q, t_q, dim).to(query.dtype)
 
     def _grouped_mask(self, attention_mask, query: torch.Tensor, total: int) -> torch.Tensor | None:

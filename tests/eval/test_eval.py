@@ -314,6 +314,23 @@ def test_distortion_is_zero_for_a_covering_residual_and_positive_when_quantized(
     assert results["KIVI-2"].to_dict()["mean"] == results["KIVI-2"].mean
 
 
+def test_distortion_of_a_model_with_sliding_layers_measures_its_full_attention_layers():
+    """Qwen2 with layer 1 sliding (window 16 < 60 tokens): its cache holds 15 positions, so only layer 0 is
+    captured and scored, and the report names the measured layers."""
+    import transformers
+
+    config = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      layer_types=["full_attention", "sliding_attention"], sliding_window=16,
+                                      use_sliding_window=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    capture = kv_eval.capture_attention(model, torch.randint(0, 128, (1, 60)), queries=4)
+    assert capture.layers == [0] and len(capture.keys) == 1 and capture.num_tokens == 60
+    results = kv_eval.attention_distortion(capture, {"KIVI-2": kvpack.KIVIConfig(group_size=16, residual_length=16)})
+    assert results["KIVI-2"].layers == [0] and results["KIVI-2"].worst_layer == 0 and results["KIVI-2"].mean > 0
+
+
 def test_capture_rejects_bad_query_counts(model):
     with pytest.raises(ValueError, match="queries must be in"):
         kv_eval.capture_attention(model, torch.zeros(1, 10, dtype=torch.long), queries=11)
@@ -572,3 +589,10 @@ def test_break_even_is_the_first_context_below_the_fp_cache():
     assert rows[0].nbytes == 2 * rows[0].fp16_nbytes  # all fp32: twice an fp16 cache
     assert break_even(rows, 4) == 32 and break_even(rows, 2) == 64  # the keys flush at R = 32, values stay fp
     assert break_even(rows[:1], 2) is None
+
+
+def test_the_cli_lists_every_suite_the_matrix_runs():
+    from kvpack.commands import eval as eval_command
+    from kvpack.eval.matrix import SUITES
+
+    assert eval_command._SUITES == SUITES

@@ -166,3 +166,15 @@ def test_tensor_parallel_sizes_that_split_heads_are_refused_before_loading(tmp_p
         load_model(tmp_path, tp_size=0)
     monkeypatch.delenv("LOCAL_RANK")
     assert loading.launched_world_size() == 1  # WORLD_SIZE alone is not torchrun
+
+
+def test_the_optional_gemma_model_says_how_to_install_it(tmp_path, monkeypatch):
+    """Without its chunk packages (and no converted copy in the cache), ``load_model("gemma3-270m")`` raises
+    ImportError naming the set-up option; a hub-style name stays refused as offline-only."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real_find_spec(name, *a))  # fmt: skip
+    with pytest.raises(ImportError, match=r"setup.sh --gemma"):
+        load_model("gemma3-270m", cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="gemma3-270m"):
+        load_model("google/gemma-3-270m", cache_dir=tmp_path)

@@ -311,3 +311,48 @@ def test_group_sizes_that_fill_whole_bytes_are_accepted_and_fused_equals_compat(
         k_hat, v_hat = layer.materialize()
         want = torch.nn.functional.scaled_dot_product_attention(query, k_hat, v_hat, enable_gqa=True)
         torch.testing.assert_close(layer.attend(query), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", [{}, {"sink_tokens": 4, "key_centering": "on", "residual_dtype": "bfloat16"}],
+                         ids=["plain", "with-recipe"])  # fmt: skip
+def test_rotate_holds_what_a_plain_layer_fed_rotated_tokens_holds(extra):
+    """``rotate=True``: the store of (K, V) is the plain store of (K R^T, V R^T), bit for bit; attention is the
+    plain store's attention of the rotated query, rotated back; every path is exact attention over what the
+    step reads; the readers give the tokens in their own basis, and a saved state continues as the original."""
+    from kvpack.primitives import random_rotation
+    from kvpack.store import ROTATION_SEED
+
+    from kernel_helpers import assert_close_to_exact, exact_attention
+
+    keys, values = make_kv(tokens=200)
+    config = kvpack.KIVIConfig(rotate=True, residual_length=64, **extra)
+    layer = kvpack.make_layer(config, layer_idx=3)
+    layer.append(keys, values)
+    rotation = random_rotation(64, ROTATION_SEED, 3)
+    if not extra:
+        plain = kvpack.make_layer(config.replace(rotate=False), layer_idx=3)
+        plain.append(keys @ rotation.T, values @ rotation.T)
+        for side in ("keys", "values"):
+            for name, rows in getattr(layer, side).row_views().items():
+                assert torch.equal(rows, getattr(plain, side).row_views()[name]), (side, name)
+        query = torch.randn(2, 9, 1, 64, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(layer.attend(query), plain.attend(query @ rotation.T) @ rotation, atol=1e-5, rtol=0)
+    k_hat, v_hat = layer.dequantize()
+    assert (k_hat - keys).norm() < 0.5 * keys.norm() and (v_hat - values).norm() < 0.5 * values.norm()
+    for t_q in (1, 3, 20):
+        query = torch.randn(2, 9, t_q, 64, generator=torch.Generator().manual_seed(t_q))
+        mask = torch.ones(2, 1, t_q, 200, dtype=torch.bool).tril(200 - t_q)
+        mask[1, ..., :5] = False
+        exact = exact_attention(layer, query, mask, 0.125).double()
+        with kvpack.kernels.use("reference"):
+            want = layer.attend(query, attention_mask=mask)
+        assert_close_to_exact(layer.attend(query, attention_mask=mask), want, exact)
+    tensors, metadata = layer.state_dict()
+    loaded = kvpack.make_layer(config, layer_idx=3)
+    loaded.load_state_dict(tensors, metadata)
+    for side in (layer, loaded):
+        side.append(keys[:, :, :1], values[:, :, :1])
+    query = torch.randn(2, 9, 1, 64, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(loaded.attend(query), layer.attend(query))
+    with pytest.raises(ValueError, match="rotate must be one of"):
+        kvpack.KIVIConfig(rotate=1)

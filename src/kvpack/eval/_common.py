@@ -72,6 +72,18 @@ def cache_tensors(cache, num_tokens: int) -> list[tuple[torch.Tensor, torch.Tens
     return out
 
 
+def full_layers(cache, num_tokens: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``layer index -> (keys, values)`` of the layers of an fp cache that hold all ``num_tokens`` positions as
+    plain tensors and do not slide (the full-attention layers)."""
+    out = {}
+    for i, layer in enumerate(getattr(cache, "layers", None) or []):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.shape[2] == num_tokens
+                and not getattr(layer, "is_sliding", False)):  # fmt: skip
+            out[i] = (keys, values)
+    return out
+
+
 def fresh_cache(model, factory: CacheFactory | None, fp_cache_type: type) -> Any:
     """A new empty cache: ``factory(model)``, or, when that is None, ``fp_cache_type(config=model.config)``
     (the type of the cache the model built itself, i.e. ``DynamicCache``)."""

@@ -28,7 +28,7 @@ import torch
 
 from ..config import MethodConfig
 from ..registry import make_layer
-from ._common import cache_tensors, forward_last, progress_bar
+from ._common import forward_last, full_layers, progress_bar
 
 __all__ = ["AttentionCapture", "DistortionResult", "attention_distortion", "capture_attention"]
 
@@ -47,6 +47,9 @@ class AttentionCapture:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     scales: list[float]
+    #: The model's layer index of each entry (the full-attention layers: a sliding-window layer's cache does not
+    #: hold every position, and its attention is not the full softmax this measures).
+    layers: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +69,14 @@ class DistortionResult:
     queries: int
     per_layer: list[float]
     seconds: float
+    #: The model's layer index of each ``per_layer`` entry (every layer in order unless some slide).
+    layers: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def worst_layer(self) -> int:
+        """The model's index of the layer with the largest error."""
+        k = max(range(len(self.per_layer)), key=self.per_layer.__getitem__)
+        return self.layers[k] if self.layers else k
 
     @property
     def mean(self) -> float:
@@ -142,14 +153,16 @@ def capture_attention(model, input_ids: torch.Tensor, queries: int = 32) -> Atte
     finally:
         for handle in handles:
             handle.remove()
-    tensors = cache_tensors(cache, num_tokens)
-    if tensors is None:
-        raise ValueError("the model's cache holds layers that are not plain full-attention keys/values")
+    full = full_layers(cache, num_tokens)  # layer index -> (keys, values)
+    if not full:
+        raise ValueError("the model's cache holds no full-attention layer with plain keys/values")
+    modules = [m for m in modules if m.layer_idx in full]
     capture = AttentionCapture(
         queries=[recorded[m.layer_idx] for m in modules],
-        keys=[k for k, _ in tensors],
-        values=[v for _, v in tensors],
+        keys=[full[m.layer_idx][0] for m in modules],
+        values=[full[m.layer_idx][1] for m in modules],
         scales=[float(getattr(m, "scaling", m.head_dim**-0.5)) for m in modules],
+        layers=[m.layer_idx for m in modules],
     )
     # Self-check: exact attention of the recorded queries, through o_proj, must give the module's output.
     for module, query, keys, values, scale in zip(
@@ -205,15 +218,15 @@ def attention_distortion(
         label -> :class:`DistortionResult`.
     """
     results = {}
-    num_layers = len(capture.keys)
-    with progress_bar(len(methods) * num_layers, "distortion", progress) as bar:
+    layers = capture.layers or list(range(len(capture.keys)))
+    with progress_bar(len(methods) * len(layers), "distortion", progress) as bar:
         for label, config in methods.items():
             start = time.perf_counter()
             per_layer = []
-            for i in range(num_layers):
+            for k, i in enumerate(layers):
                 layer_config = config(i) if callable(config) else config
                 per_layer.append(0.0 if layer_config is None else _layer_error(
-                    layer_config, i, capture.queries[i], capture.keys[i], capture.values[i], capture.scales[i]))  # fmt: skip
+                    layer_config, i, capture.queries[k], capture.keys[k], capture.values[k], capture.scales[k]))  # fmt: skip
                 bar.update()
             results[label] = DistortionResult(
                 label=label,
@@ -221,5 +234,6 @@ def attention_distortion(
                 queries=capture.num_queries,
                 per_layer=per_layer,
                 seconds=time.perf_counter() - start,
+                layers=list(layers),
             )
     return results

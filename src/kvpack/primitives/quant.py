@@ -98,3 +98,11 @@ def dequantize_affine(
     groups = _grouped(codes, group_size, dim).float()  # (..., n_groups, G)
     x = groups * scale.movedim(dim, -1).float().unsqueeze(-1) + zero.movedim(dim, -1).float().unsqueeze(-1)
     return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1]).movedim(-1, dim).to(dtype)
+
+
+def random_rotation(dim: int, seed: int, layer_idx: int) -> torch.Tensor:
+    """A Haar-random orthogonal (dim, dim) float32 matrix, reproducible from (seed, layer_idx, dim)."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + layer_idx * 7919 + dim) % 2**63)
+    gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return (q * torch.sign(torch.diagonal(r))).float()  # sign fix makes the QR unique (Haar measure)

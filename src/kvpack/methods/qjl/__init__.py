@@ -15,14 +15,12 @@ import struct
 import torch
 
 from ...config import (
-    KEY_CENTERING,
-    RESIDUAL_DTYPES,
     SCALE_DTYPES,
     MethodConfig,
     check_bool,
     check_choice,
+    check_recipe_fields,
     check_residual,
-    check_sinks,
 )
 from ...primitives import unpack_bits
 from ...registry import register
@@ -129,9 +127,7 @@ class QJLConfig(MethodConfig):
         check_residual(self.group_size, self.residual_length)
         check_bool("orthogonal", self.orthogonal)
         check_bool("check_finite", self.check_finite)
-        check_sinks(self.sink_tokens)
-        check_choice("residual_dtype", self.residual_dtype, RESIDUAL_DTYPES)
-        check_choice("key_centering", self.key_centering, KEY_CENTERING)
+        check_recipe_fields(self)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.scale_dtype is not None:

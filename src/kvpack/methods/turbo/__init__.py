@@ -34,16 +34,14 @@ import math
 import torch
 
 from ...config import (
-    KEY_CENTERING,
-    RESIDUAL_DTYPES,
     SCALE_DTYPES,
     MethodConfig,
     check_bool,
     check_choice,
+    check_recipe_fields,
     check_residual,
-    check_sinks,
 )
-from ...primitives import pack_bits, unpack_bits
+from ...primitives import pack_bits, random_rotation, unpack_bits
 from ...registry import register
 from ...store import CompressedLayer, Format
 from . import ops
@@ -77,14 +75,6 @@ def gaussian_codebook(bits: int, iterations: int = 300) -> tuple[float, ...]:
             break
         centroids = updated
     return tuple(centroids)
-
-
-def random_rotation(dim: int, seed: int, layer_idx: int) -> torch.Tensor:
-    """A Haar-random orthogonal (dim, dim) float32 matrix, reproducible from (seed, layer_idx, dim)."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + layer_idx * 7919 + dim) % 2**63)
-    gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(gaussian)
-    return (q * torch.sign(torch.diagonal(r))).float()  # sign fix makes the QR unique (Haar measure)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +130,7 @@ class TurboConfig(MethodConfig):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         check_bool("check_finite", self.check_finite)
-        check_sinks(self.sink_tokens)
-        check_choice("residual_dtype", self.residual_dtype, RESIDUAL_DTYPES)
-        check_choice("key_centering", self.key_centering, KEY_CENTERING)
+        check_recipe_fields(self)
         check_choice("norm_correction", self.norm_correction, NORM_CORRECTION)
 
 
