@@ -140,3 +140,17 @@ def test_short_first_appends_and_off_configs_take_no_offset():
 def test_key_centering_is_validated(bad):
     with pytest.raises(ValueError, match="key_centering must be one of"):
         TurboConfig(key_centering=bad)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_centering_with_a_16_bit_residual_holds_every_fp_part_in_16_bits(config):
+    """Centering converts the keys on its own; the values, the window and the sinks must follow residual_dtype
+    too (a saved state is checked against it)."""
+    _, values, biased = _keys(tokens=100)
+    layer = make_layer(config.replace(key_centering="on", residual_dtype="bfloat16", sink_tokens=4, residual_length=32))
+    layer.append(biased[:, :, :70], values[:, :, :70])
+    layer.append(biased[:, :, 70:71], values[:, :, 70:71])
+    tensors, metadata = layer.state_dict()
+    for name in ("keys.residual", "values.window", "sinks.keys", "sinks.values"):
+        assert tensors[name].dtype == torch.bfloat16, name
+    make_layer(layer.config).load_state_dict(tensors, metadata)

@@ -587,8 +587,9 @@ class CompressedLayer:
         if self._rotation is not None:
             rotation = self._rotation_on(keys.device)
             keys, values = ((x.float() @ rotation.T).to(fp_dtype) for x in (keys, values))
-        if fp_dtype != keys.dtype:  # residual_dtype: a float32 model's fp parts held in 16 bits
-            keys, values = keys.to(fp_dtype), values.to(fp_dtype)
+        # residual_dtype: a float32 model's fp parts held in 16 bits (each side on its own: the transforms above
+        # may have converted the keys already)
+        keys, values = keys.to(fp_dtype), values.to(fp_dtype)
         try:
             need = getattr(self.config, "sink_tokens", 0) - self.num_sinks
             if need > 0:  # the first tokens of the layer: into the sinks, the rest (if any) into the stores

@@ -55,9 +55,9 @@ class KIVIConfig(MethodConfig):
             see (q.(k - mu) = q.k - q.mu for every key of a query), so only the quantizer does; "auto" only
             for the heads whose mean dwarfs the keys' spread (huge k_proj biases, as in Qwen2.5).
         rotate: multiply keys and values by a random orthogonal matrix (per layer) before the groups are formed,
-            as llama.cpp rotates before its blocks: outlier channels are spread over all channels (measured: KL
-            -44% for KIVI-2, docs/RESULTS.md). The query is rotated once per step and the output rotated back;
-            off by default (the paper's method).
+            as llama.cpp rotates before its blocks: outlier channels are spread over all channels (measured for
+            KIVI-2: KL -44% in llama.cpp's protocol but +108% in a decode-mode window, docs/RESULTS.md). The
+            query is rotated once per step and the output rotated back; off by default (the paper's method).
 
     Deviations from the paper's code: scales are stored in ``scale_dtype`` and codes are computed from the
     rounded scale, so a kernel reading the store reconstructs exactly the reference; 8 bits is allowed.
