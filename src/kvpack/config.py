@@ -57,8 +57,17 @@ def check_sinks(value: Any) -> None:
 
 
 def check_recipe_fields(config) -> None:
-    """Validate the fields every method config shares beyond its paper: ``sink_tokens``, ``residual_dtype`` and
-    ``key_centering``."""
+    """Validate the fields every method config shares beyond its paper.
+
+    * ``sink_tokens``: the first S tokens of a layer are kept in full precision and never quantized.
+    * ``residual_dtype``: "model" (default) holds the fp residual, window and sinks in the model's dtype;
+      "float16" or "bfloat16" holds those of a float32 model in 16 bits (half the bytes of the part that is
+      never quantized, which is all of a short chat; 16-bit models are unaffected).
+    * ``key_centering``: "off" (default); "on" subtracts from every key of a head the mean key of the layer's
+      first append (its tokens after the sinks; at least 16), which softmax does not see
+      (q.(k - mu) = q.k - q.mu for every key of a query), so only the quantizer does; "auto" only for the heads
+      whose mean dwarfs the keys' spread (huge k_proj biases, as in Qwen2.5).
+    """
     check_sinks(config.sink_tokens)
     check_choice("residual_dtype", config.residual_dtype, RESIDUAL_DTYPES)
     check_choice("key_centering", config.key_centering, KEY_CENTERING)

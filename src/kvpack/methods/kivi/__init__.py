@@ -47,13 +47,8 @@ class KIVIConfig(MethodConfig):
         check_finite: reject NaN/Inf keys and values on append (costs one pass over the input).
         sink_tokens: the first S tokens of the layer are kept in full precision and never quantized (attention
             sinks, as KVQuant and RotateKV keep them); 0, the paper's method, by default.
-        residual_dtype: "model" (default) holds the fp residual, window and sinks in the model's dtype;
-            "float16" or "bfloat16" holds those of a float32 model in 16 bits (half the bytes of the part
-            that is never quantized, which is all of a short chat; 16-bit models are unaffected).
-        key_centering: "off" (default, the paper's method); "on" subtracts from every key of a head the mean
-            key of the layer's first append (its tokens after the sinks; at least 16), which softmax does not
-            see (q.(k - mu) = q.k - q.mu for every key of a query), so only the quantizer does; "auto" only
-            for the heads whose mean dwarfs the keys' spread (huge k_proj biases, as in Qwen2.5).
+        residual_dtype, key_centering: the fields every method shares beyond its paper, documented once in
+            :func:`kvpack.config.check_recipe_fields` ("model" and "off" by default: the paper's method).
         rotate: multiply keys and values by a random orthogonal matrix (per layer) before the groups are formed,
             as llama.cpp rotates before its blocks: outlier channels are spread over all channels (measured for
             KIVI-2: KL -44% in llama.cpp's protocol but +108% in a decode-mode window, docs/RESULTS.md). The
