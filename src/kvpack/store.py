@@ -582,13 +582,12 @@ class CompressedLayer:
         if first:
             self._key_offset = self._centering(keys)
         fp_dtype = self.config.fp_dtype(keys.dtype)
+        # Centering and rotation in float32, then one cast to what the fp parts hold (residual_dtype).
         if self._key_offset is not None:
-            keys = (keys.float() - self._key_offset).to(fp_dtype)
+            keys = keys.float() - self._key_offset
         if self._rotation is not None:
             rotation = self._rotation_on(keys.device)
-            keys, values = ((x.float() @ rotation.T).to(fp_dtype) for x in (keys, values))
-        # residual_dtype: a float32 model's fp parts held in 16 bits (each side on its own: the transforms above
-        # may have converted the keys already)
+            keys, values = keys.float() @ rotation.T, values.float() @ rotation.T
         keys, values = keys.to(fp_dtype), values.to(fp_dtype)
         try:
             need = getattr(self.config, "sink_tokens", 0) - self.num_sinks
@@ -601,19 +600,16 @@ class CompressedLayer:
             elif not self._append_fast(keys, values):
                 self._check_finite(keys, values)
                 self._store(keys, values)
-        except ValueError as err:
+        except Exception as err:
             if first:
                 self._shape = self._dtype = self._device = self._key_offset = None
-            if keys is not given[0] and "NaN/Inf" in str(err) and self.config.check_finite:
+            converted = keys is not given[0] or values is not given[1]
+            if isinstance(err, ValueError) and converted and "NaN/Inf" in str(err) and self.config.check_finite:
                 self._check_finite(*given)  # the input's own NaN/Inf, else the conversion overflowed:
                 raise ValueError(
                     f"keys or values exceed the range of {fp_dtype} (residual_dtype={self.config.residual_dtype!r}); "
                     "nothing was stored. 'bfloat16' holds any float32 value"
                 ) from None
-            raise
-        except Exception:
-            if first:
-                self._shape = self._dtype = self._device = self._key_offset = None
             raise
 
     def _centering(self, keys: torch.Tensor) -> torch.Tensor | None:
@@ -788,17 +784,19 @@ class CompressedLayer:
     def _sides(self, keys, values) -> tuple[torch.Tensor, torch.Tensor]:
         """Both sides' (B, H_kv, T, D) tensors in the model dtype, sinks first: ``keys()`` / ``values()`` give
         the stores' part."""
+        # Stored rotated or centered: undo it in float32, then one cast to the model dtype.
+        dtype = torch.float32 if self._rotation is not None or self._key_offset is not None else self._dtype
         out = []
         for side, read in enumerate((keys, values)):
-            parts = [read().to(self._dtype)] if self.keys.num_tokens else []
-            parts = [x.to(self._dtype) for x in self._with_sinks(parts, side)]
+            parts = [read().to(dtype)] if self.keys.num_tokens else []
+            parts = [x.to(dtype) for x in self._with_sinks(parts, side)]
             out.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
         if self._rotation is not None:  # the stores hold rotated keys and values
             rotation = self._rotation_on(out[0].device)
-            out = [(x.float() @ rotation).to(self._dtype) for x in out]
+            out = [x @ rotation for x in out]
         if self._key_offset is not None:  # the stored keys are centered: these are the keys themselves
-            out[0] = (out[0].float() + self._key_offset).to(self._dtype)
-        return out[0], out[1]
+            out[0] = out[0] + self._key_offset
+        return out[0].to(self._dtype), out[1].to(self._dtype)
 
     def _rotation_on(self, device) -> torch.Tensor:
         if self._rotation.device != device:
@@ -993,6 +991,10 @@ class CompressedLayer:
         }
         if self.sliding_window is not None:  # (absent otherwise, as the sinks' fields)
             metadata.update(sliding_window=self.sliding_window, drop_unit=self.drop_unit, dropped=self._dropped)
+        if (
+            self._rotation is not None
+        ):  # the codes are of rotated tokens: a config without ``rotate`` must not read them
+            metadata["rotated"] = True
         if getattr(self.config, "key_centering", "off") != "off":  # (absent otherwise, as below)
             metadata["key_offset"] = self._key_offset is not None
             if self._key_offset is not None:
@@ -1163,8 +1165,12 @@ class CompressedLayer:
             fields |= {"sliding_window", "drop_unit", "dropped"}
         if getattr(self.config, "key_centering", "off") != "off":
             fields.add("key_offset")
+        if getattr(self.config, "rotate", False):
+            fields.add("rotated")
         if set(metadata) != fields:
             raise CacheFileError(f"the saved state's metadata has fields {sorted(metadata)}, expected {sorted(fields)}")
+        if "rotated" in fields and metadata["rotated"] is not True:
+            raise CacheFileError(f"rotated must be true for a config with rotate, got {metadata['rotated']!r}")
         if not _same_config(metadata["config"], self.config):
             raise CacheFileError(
                 f"state was saved with config {metadata['config']}, this layer has {self.config.to_dict()}"

@@ -30,7 +30,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 from ..config import MethodConfig
 from ..errors import CacheFileError
 from ..registry import config_class, make_layer
-from ..store import CompressedLayer
+from ..store import CompressedLayer, _is_count
 
 __all__ = ["ATTENTION_NAME", "KVHandle", "KVPackCache", "KVPackLayer", "load_cache", "make_cache", "save_cache"]
 
@@ -158,7 +158,7 @@ class KVPackLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         """Drop every token (a fresh store; the next ``update`` starts over)."""
-        self.store = self._new_store(self.store.drop_unit if self.is_sliding else None)
+        self.store = self._new_store(self.store.drop_unit)  # None for a full-attention layer
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -582,7 +582,7 @@ def _check_shard(path, saved, model_shard, num_kv_heads: int) -> int:
     """The kv heads each layer of the file must hold, after checking that the file was saved by this process's
     place in the tensor-parallel layout (or by a single process, for a single process)."""
     if saved is not None and (not isinstance(saved, dict) or set(saved) != {"size", "rank"}
-                              or not all(_is_index(v) for v in saved.values()) or saved["size"] < 2
+                              or not all(_is_count(v) for v in saved.values()) or saved["size"] < 2
                               or saved["rank"] >= saved["size"] or num_kv_heads % saved["size"]):  # fmt: skip
         raise CacheFileError(f"{path}: invalid tensor-parallel shard {saved!r} in the cache header")
     if saved == model_shard:
@@ -598,10 +598,6 @@ def _check_shard(path, saved, model_shard, num_kv_heads: int) -> int:
                              f"{saved['size']} (its kv heads only); load it on that rank")  # fmt: skip
     raise CacheFileError(f"{path} was saved by rank {saved['rank']} of {saved['size']}; this process is rank "
                          f"{model_shard['rank']} of {model_shard['size']}: each rank loads the file it saved")  # fmt: skip
-
-
-def _is_index(x) -> bool:
-    return type(x) is int and x >= 0
 
 
 def _config(data) -> MethodConfig:
