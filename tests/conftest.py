@@ -189,6 +189,19 @@ def _fused_and_compat_logits_fixture():
     return fused_and_compat_logits
 
 
+def generate_on_path(model, cache, fused: bool, **kwargs):
+    """Greedy ``generate`` through ``cache`` (``runtime.generate``: the current cache keyword) on kvpack's fused
+    path (``fused``) or the compat path; the model is left on the compat path."""
+    from kvpack.hf import disable, enable, runtime
+
+    (enable if fused else disable)(model)
+    try:
+        with torch.no_grad():
+            return runtime.generate(model, cache, do_sample=False, **kwargs)
+    finally:
+        disable(model)
+
+
 def make_kv(batch=2, heads=3, tokens=100, dim=64, dtype=torch.float32, seed=0):
     generator = torch.Generator().manual_seed(seed)
     channel_scale = torch.ones(dim)

@@ -38,6 +38,7 @@ LAYER_CONFIGS = {
     "turbo": kvpack.TurboConfig(key_bits=4, group_size=8, residual_length=16),
     "turbo_sinks": kvpack.TurboConfig(key_bits=4, group_size=8, residual_length=16, sink_tokens=3),
     "kivi_sliding": kvpack.KIVIConfig(group_size=8, residual_length=16),
+    "kivi_centered_rotated": kvpack.KIVIConfig(group_size=8, residual_length=16, key_centering="on", rotate=True),
 }
 #: Cases whose layer slides: its window (the second append drops the 8 oldest tokens).
 SLIDING_WINDOWS = {"kivi_sliding": 20}

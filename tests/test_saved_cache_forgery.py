@@ -58,7 +58,9 @@ def test_the_matrix_covers_every_registered_method():
     assert {config.method for config in LAYER_CONFIGS.values()} == set(kvpack.method_names())
 
 
-@pytest.mark.parametrize("method", ["kivi", "kivi4", "qjl", "qjl_plain", "turbo", "turbo_sinks", "kivi_sliding"])
+@pytest.mark.parametrize(
+    "method", ["kivi", "kivi4", "qjl", "qjl_plain", "turbo", "turbo_sinks", "kivi_sliding", "kivi_centered_rotated"]
+)
 def test_layer_file_forgeries(tmp_path, method):
     rows = run_cases(method, tmp_path)
     assert len(rows) > 300 and {"damage", "structure", "content"} <= {row["kind"] for row in rows}  # the matrix ran

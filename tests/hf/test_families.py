@@ -22,6 +22,8 @@ import kvpack  # noqa: E402
 from kvpack.hf import disable, enable, load_cache, make_cache, runtime, save_cache  # noqa: E402
 from kvpack.hf.cache import KVPackLayer  # noqa: E402
 
+from conftest import generate_on_path  # noqa: E402
+
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             head_dim=32, vocab_size=128, max_position_embeddings=512)  # fmt: skip
 WINDOW = 24  # sliding window of the sliding families: 80 tokens leave it several times
@@ -80,16 +82,6 @@ def _params(fused_too=True):
     return out
 
 
-def _generate(model, cache, fused, **kwargs):
-    if fused:
-        enable(model)
-    try:
-        with torch.no_grad():
-            return runtime.generate(model, cache, do_sample=False, **kwargs)
-    finally:
-        disable(model)
-
-
 def _sliding_layers(model) -> list[int]:
     return [i for i, layer in enumerate(transformers.DynamicCache(config=model.config).layers) if layer.is_sliding]
 
@@ -101,10 +93,10 @@ def test_generation_equals_dynamic_cache_when_the_residual_covers_everything(fam
     tokens equal DynamicCache's, and every attention layer (sliding ones too) is a kvpack store."""
     model = _model(family)
     ids, mask = _inputs()
-    reference = _generate(model, transformers.DynamicCache(config=model.config), False, input_ids=ids,
+    reference = generate_on_path(model, transformers.DynamicCache(config=model.config), False, input_ids=ids,
                           attention_mask=mask, max_new_tokens=20)  # fmt: skip
     cache = make_cache(model, method, residual_length=256)
-    out = _generate(model, cache, fused, input_ids=ids, attention_mask=mask, max_new_tokens=20)
+    out = generate_on_path(model, cache, fused, input_ids=ids, attention_mask=mask, max_new_tokens=20)
     assert torch.equal(out, reference)
     assert all(isinstance(layer, KVPackLayer) for layer in cache.layers)
     assert cache.get_seq_length() == 79
@@ -132,8 +124,8 @@ def test_beam_search_equals_dynamic_cache(family, fused):
     model = _model(family)
     ids, mask = _inputs(tokens=40)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, num_beams=3)
-    reference = _generate(model, transformers.DynamicCache(config=model.config), False, **kwargs)
-    out = _generate(model, make_cache(model, "kivi", residual_length=256), fused, **kwargs)
+    reference = generate_on_path(model, transformers.DynamicCache(config=model.config), False, **kwargs)
+    out = generate_on_path(model, make_cache(model, "kivi", residual_length=256), fused, **kwargs)
     assert torch.equal(out, reference)
 
 
@@ -154,8 +146,8 @@ def test_a_saved_cache_continues_as_the_original(family, fused, tmp_path):
     more = torch.randint(1, 128, (2, 1), generator=torch.Generator().manual_seed(3))
     full, full_mask = torch.cat([ids, more], 1), torch.cat([mask, torch.ones_like(more)], 1)
     kwargs = dict(input_ids=full, attention_mask=full_mask, max_new_tokens=10)
-    want = _generate(model, copy.deepcopy(cache), fused, **kwargs)
-    assert torch.equal(_generate(model, loaded, fused, **kwargs), want)
+    want = generate_on_path(model, copy.deepcopy(cache), fused, **kwargs)
+    assert torch.equal(generate_on_path(model, loaded, fused, **kwargs), want)
 
 
 def test_falcon_refuses_the_fused_path_by_name():

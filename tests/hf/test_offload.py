@@ -14,14 +14,14 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import generate_on_path, make_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
 
 from accelerate.hooks import AlignDevicesHook  # noqa: E402
 
-from kvpack.hf import KVPackLayer, disable, enable, make_cache  # noqa: E402
+from kvpack.hf import KVPackLayer, make_cache  # noqa: E402
 from kvpack.hf.runtime import generate  # noqa: E402
 
 PATHS = [pytest.param(False, id="compat"), pytest.param(True, id="fused")]
@@ -84,21 +84,9 @@ def assert_offloaded(model) -> None:
 
 def greedy(model, input_ids, method, fused):
     """Greedy generation through a fresh kvpack cache on the compat or fused path; ``(output, cache)``."""
-    (enable if fused else disable)(model)
     cache = make_cache(model, method, **OVERRIDES)
-    try:
-        with torch.no_grad():
-            out = generate(
-                model,
-                cache,
-                input_ids=input_ids,
-                max_new_tokens=MAX_NEW_TOKENS,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-    finally:
-        disable(model)
+    out = generate_on_path(model, cache, fused, input_ids=input_ids, max_new_tokens=MAX_NEW_TOKENS,
+                           output_logits=True, return_dict_in_generate=True)  # fmt: skip
     return out, cache
 
 

@@ -354,5 +354,12 @@ def test_rotate_holds_what_a_plain_layer_fed_rotated_tokens_holds(extra):
         side.append(keys[:, :, :1], values[:, :, :1])
     query = torch.randn(2, 9, 1, 64, generator=torch.Generator().manual_seed(9))
     assert torch.equal(loaded.attend(query), layer.attend(query))
+    # The codes are of rotated tokens: the state says so, and a config without rotate does not read them.
+    assert metadata["rotated"] is True
+    unrotated = {**metadata, "config": {**metadata["config"], "rotate": False}}  # still says "rotated"
+    with pytest.raises(kvpack.CacheFileError, match="metadata has fields"):
+        kvpack.make_layer(config.replace(rotate=False), layer_idx=3).load_state_dict(tensors, unrotated)
+    with pytest.raises(kvpack.CacheFileError, match="rotated must be true"):
+        kvpack.make_layer(config, layer_idx=3).load_state_dict(tensors, {**metadata, "rotated": 1})
     with pytest.raises(ValueError, match="rotate must be one of"):
         kvpack.KIVIConfig(rotate=1)
